@@ -1,0 +1,54 @@
+// Every op schema of the dst_kernels library, defined once. Kernels live in
+// csrc/cpu (CPU) and csrc/cuda (CUDA) and register with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#if __has_include("dst/build_config.h")
+#include "dst/build_config.h"
+#endif
+
+#ifndef DST_TORCH_VERSION
+#define DST_TORCH_VERSION TORCH_VERSION
+#endif
+#ifndef DST_CUDA_VERSION
+#define DST_CUDA_VERSION ""
+#endif
+#ifndef DST_CUDA_ARCHS
+#define DST_CUDA_ARCHS ""
+#endif
+
+namespace dst {
+
+// "key=value" pairs separated by ';': what this library was built against.
+std::string build_info() {
+  std::string info = "torch=" DST_TORCH_VERSION;
+  info += ";cuda=" DST_CUDA_VERSION;
+  info += ";archs=" DST_CUDA_ARCHS;
+#ifdef DST_WITH_CUDA
+  info += ";with_cuda=1";
+#else
+  info += ";with_cuda=0";
+#endif
+  return info;
+}
+
+}  // namespace dst
+
+TORCH_LIBRARY(dst_kernels, m) {
+  m.def("build_info() -> str", &dst::build_info);
+  // H(x) elementwise: the long-tailed estimator of SPEC section 1.
+  m.def("estimator(Tensor x) -> Tensor");
+}
+
+// An importable module, so `import dst_kernels._C` loads the library and
+// registers the ops above; it exposes nothing else.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "dst_kernels compiled ops (see torch.ops.dst_kernels)", -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

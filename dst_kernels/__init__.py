@@ -1,0 +1,36 @@
+"""dst_kernels: Dynamic Sparse Training (Liu et al., ICLR 2020) as fused PyTorch layers.
+
+Public API (SPEC section 3)::
+
+    import dst_kernels as dst
+    layer = dst.DSTLinear(784, 300)            # or dst.sparsify(model)
+    loss = task_loss + alpha * dst.sparsity_loss(model)
+    print(dst.sparsity_report(model))
+    plain = dst.export.fold(model)
+"""
+
+from dst_kernels import (
+    _ops,  # noqa: F401  (loads the compiled ops when built)
+    export,
+    functional,
+    reference,
+)
+from dst_kernels.functional import available_backends
+from dst_kernels.nn import DSTLSTM, DSTConv2d, DSTLinear, is_dst_layer, sparsify, sparsity_loss
+from dst_kernels.report import sparsity_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DSTConv2d",
+    "DSTLinear",
+    "DSTLSTM",
+    "available_backends",
+    "export",
+    "functional",
+    "is_dst_layer",
+    "reference",
+    "sparsify",
+    "sparsity_loss",
+    "sparsity_report",
+]

@@ -1,0 +1,81 @@
+"""The compiled extension: loading, build metadata, fake kernels, autograd.
+
+``dst_kernels._C`` registers its ops under ``torch.ops.dst_kernels``. When it
+is missing (a pure-Python install, or a build that failed) the package still
+works on the ``reference`` backend and says so once, with how to build it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["BUILD_HINT", "LOAD_ERROR", "build_info", "has_op", "loaded"]
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the dst_kernels source tree "
+    "(see the README's 'Building' section)"
+)
+
+LOAD_ERROR: str | None = None
+_loaded = False
+
+try:
+    from dst_kernels import _C  # noqa: F401  (registers torch.ops.dst_kernels.*)
+
+    _loaded = True
+except (ImportError, OSError) as exc:  # missing, or built against another torch
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    if os.environ.get("DST_KERNELS_QUIET") != "1":
+        warnings.warn(
+            f"dst_kernels: the compiled extension dst_kernels._C could not be loaded "
+            f"({LOAD_ERROR}); only the 'reference' backend is available. To get the native "
+            f"kernels, {BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def loaded() -> bool:
+    """Whether ``dst_kernels._C`` is loaded."""
+    return _loaded
+
+
+def has_op(name: str) -> bool:
+    """Whether the compiled library registered ``torch.ops.dst_kernels.<name>``."""
+    return _loaded and hasattr(torch.ops.dst_kernels, name)
+
+
+def build_info() -> dict[str, str] | None:
+    """What ``_C`` was built against: ``{"torch", "cuda", "archs", "with_cuda"}``, or None."""
+    if not _loaded:
+        return None
+    pairs = (item.split("=", 1) for item in torch.ops.dst_kernels.build_info().split(";"))
+    return {key: value for key, value in pairs}
+
+
+def _check_build_matches() -> None:
+    info = build_info()
+    if info is None:
+        return
+    built = info.get("torch", "")
+    # Compare release numbers: a local suffix such as +cpu / +cu130 does not change the ABI.
+    if built.split("+")[0] != torch.__version__.split("+")[0]:
+        warnings.warn(
+            f"dst_kernels._C was built for torch {built}, but torch {torch.__version__} is "
+            f"installed; rebuild it ({BUILD_HINT}).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_check_build_matches()
+
+if _loaded:
+
+    @torch.library.register_fake("dst_kernels::estimator")
+    def _estimator_fake(x):
+        torch._check(x.is_floating_point(), lambda: "estimator: x must be floating-point")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,340 @@
+"""Functional DST: argument checks and backend dispatch.
+
+Every backend computes the same function (SPEC section 1); this module checks
+the arguments once, with the same messages for every backend, then hands the
+call to the backend's implementation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dst_kernels import _ops
+from dst_kernels import reference as _reference
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+    "masked_weight",
+    "mask",
+    "density",
+    "reset_thresholds_",
+    "dst_linear",
+    "dst_conv2d",
+]
+
+BACKENDS = ("reference", "native", "triton")
+_CHOICES = ("auto",) + BACKENDS
+# Preference of "auto", fastest first; the first available one is used.
+_AUTO_ORDER = ("triton", "native", "reference")
+
+# Ops a backend must provide to be usable.
+_NATIVE_OPS = ("masked_weight", "weight_grad")
+
+
+def _native_ready() -> bool:
+    return all(_ops.has_op(name) for name in _NATIVE_OPS)
+
+
+def _triton_ready(device: torch.device) -> bool:
+    try:
+        from dst_kernels import triton as dst_triton
+    except ImportError:
+        return False
+    return dst_triton.usable(device)
+
+
+def _backend_impl(name: str):
+    if name == "reference":
+        return _reference
+    if name == "native":
+        from dst_kernels import native
+
+        return native
+    from dst_kernels import triton as dst_triton
+
+    return dst_triton
+
+
+_AVAILABLE: dict[str, tuple[str, ...]] = {}
+
+
+def _available(device_type: str) -> tuple[str, ...]:
+    names = _AVAILABLE.get(device_type)
+    if names is None:
+        found = ["reference"]
+        if _native_ready() and device_type in ("cpu", "cuda"):
+            found.append("native")
+        if _triton_ready(torch.device(device_type)):
+            found.append("triton")
+        names = _AVAILABLE[device_type] = tuple(found)
+    return names
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backend names usable for tensors on ``device`` (default: CPU)."""
+    device = torch.device("cpu" if device is None else device)
+    return list(_available(device.type))
+
+
+def check_backend_name(backend: str) -> str:
+    """Validate a backend name (not its availability); returns it."""
+    if not isinstance(backend, str) or backend not in _CHOICES:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, _CHOICES))}; got {backend!r}"
+        )
+    return backend
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str:
+    if backend == "native":
+        if not _ops.loaded():
+            return f"the compiled extension is not loaded ({_ops.LOAD_ERROR}); {_ops.BUILD_HINT}"
+        missing = [n for n in _NATIVE_OPS if not _ops.has_op(n)]
+        if missing:
+            return (
+                f"this build of dst_kernels._C lacks the native DST ops ({', '.join(missing)}); "
+                f"rebuild from a source tree that has them ({_ops.BUILD_HINT})"
+            )
+        return f"it has no kernels for {device.type} tensors"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed (pip install triton)"
+        return (
+            f"it has no kernels for {device.type} tensors here (it needs a CUDA device, or "
+            f"TRITON_INTERPRET=1 set before import for the CPU interpreter)"
+        )
+    return "unknown"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` (possibly "auto") on ``device``; raises if unusable."""
+    check_backend_name(backend)
+    names = _available(device.type)
+    if backend == "auto":
+        return next(name for name in _AUTO_ORDER if name in names)
+    if backend not in names:
+        raise RuntimeError(
+            f"backend {backend!r} is not available for {device.type} tensors: "
+            f"{_unavailable_reason(backend, device)}. Available here: {list(names)}."
+        )
+    return backend
+
+
+# ----------------------------------------------------------------------------- checks
+
+_CHECK_FINITE_CUDA = os.environ.get("DST_KERNELS_CHECK_FINITE", "0") == "1"
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _check_weight_threshold(weight: torch.Tensor, threshold: torch.Tensor) -> None:
+    _check_float("weight", weight)
+    _check_float("threshold", threshold)
+    if weight.dim() < 2:
+        raise ValueError(
+            f"weight must have at least 2 dimensions [out, ...], got shape {tuple(weight.shape)}"
+        )
+    rows = weight.shape[0]
+    if threshold.shape != (rows,):
+        raise ValueError(
+            f"threshold must have shape [{rows}] (one per output row of weight "
+            f"{tuple(weight.shape)}), got {tuple(threshold.shape)}"
+        )
+    if threshold.device != weight.device:
+        raise ValueError(
+            f"threshold is on {threshold.device} but weight is on {weight.device}; "
+            f"move them to the same device"
+        )
+    if threshold.dtype != weight.dtype:
+        raise TypeError(
+            f"threshold has dtype {threshold.dtype} but weight has {weight.dtype}; they must match"
+        )
+    if not (
+        weight.is_contiguous()
+        or (weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last))
+    ):
+        raise ValueError(
+            f"weight must be contiguous (or channels_last for a 4-D conv weight); got strides "
+            f"{weight.stride()} for shape {tuple(weight.shape)}. Try weight.contiguous()."
+        )
+    if not threshold.is_contiguous():
+        raise ValueError("threshold must be contiguous; try threshold.contiguous()")
+    _check_finite_threshold(threshold)
+
+
+def _check_finite_threshold(threshold: torch.Tensor) -> None:
+    # Policy: thresholds must be finite. The check reads the values, so it runs where that
+    # costs no device round trip (CPU tensors, eager mode); on CUDA only when
+    # DST_KERNELS_CHECK_FINITE=1, since it synchronises with the device.
+    if torch.compiler.is_compiling():
+        return
+    if threshold.device.type != "cpu" and not _CHECK_FINITE_CUDA:
+        return
+    if not bool(torch.isfinite(threshold.detach()).all()):
+        raise ValueError(
+            "threshold contains NaN or inf; thresholds must be finite (a NaN threshold would "
+            "silently mask out its whole row)"
+        )
+
+
+def _check_bias(bias: torch.Tensor | None, weight: torch.Tensor) -> None:
+    if bias is None:
+        return
+    _check_float("bias", bias)
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(
+            f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match"
+        )
+
+
+def _check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
+    _check_float("x", x)
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"x has dtype {x.dtype} but weight has {weight.dtype}; cast one of them "
+            f"(or run under torch.autocast)"
+        )
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``|W| > t[row]`` shaped like ``weight`` (no host sync)."""
+    _check_weight_threshold(weight, threshold)
+    return _reference.mask(weight.detach(), threshold.detach())
+
+
+def density(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Kept fraction of ``weight`` as a 0-dim float32 tensor (no host sync)."""
+    _check_weight_threshold(weight, threshold)
+    return _reference.density(weight.detach(), threshold.detach())
+
+
+def masked_weight(
+    weight: torch.Tensor, threshold: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``P = W * M``, differentiable in ``W`` and ``t`` through the estimator ``H``."""
+    _check_weight_threshold(weight, threshold)
+    impl = _backend_impl(resolve_backend(backend, weight.device))
+    return impl.masked_weight(weight, threshold)
+
+
+def reset_thresholds_(
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    min_density: float | None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor | None:
+    """The reset rule, in place on ``threshold``, with no host sync.
+
+    If the kept fraction of ``weight`` is ``<= min_density`` the whole threshold
+    vector is set to 0. Returns a 0-dim bool tensor (reset or not), or None
+    when ``min_density`` is None (the rule is off).
+    """
+    if min_density is None:
+        return None
+    _check_weight_threshold(weight, threshold)
+    impl = _backend_impl(resolve_backend(backend, weight.device))
+    return impl.reset_thresholds_(weight.detach(), threshold.detach(), float(min_density))
+
+
+def dst_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``y = x @ (W * M)^T + b`` with DST's gradients for ``W`` and ``t``."""
+    _check_weight_threshold(weight, threshold)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}"
+        )
+    _check_bias(bias, weight)
+    _check_input(x, weight)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have in_features={weight.shape[1]} in its last dimension, "
+            f"got shape {tuple(x.shape)}"
+        )
+    impl = _backend_impl(resolve_backend(backend, weight.device))
+    return impl.linear(x, weight, threshold, bias)
+
+
+def dst_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``conv2d(x, W * M, b, ...)`` with DST's gradients for ``W`` and ``t``.
+
+    ``padding`` may be an int, a pair, or "same" / "valid" as in ``F.conv2d``.
+    """
+    _check_weight_threshold(weight, threshold)
+    if weight.dim() != 4:
+        raise ValueError(
+            f"weight must be 4-D [out_channels, in_channels/groups, kh, kw], "
+            f"got {tuple(weight.shape)}"
+        )
+    _check_bias(bias, weight)
+    _check_input(x, weight)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"out_channels={weight.shape[0]} must be divisible by groups={groups}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be 3-D [C, H, W] or 4-D [N, C, H, W], got {tuple(x.shape)}")
+    channels = x.shape[-3]
+    if channels != weight.shape[1] * groups:
+        raise ValueError(
+            f"x has {channels} channels but weight expects in_channels/groups * groups = "
+            f"{weight.shape[1]} * {groups} = {weight.shape[1] * groups}"
+        )
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        padding = _pair(padding, "padding")
+    impl = _backend_impl(resolve_backend(backend, weight.device))
+    return impl.conv2d(x, weight, threshold, bias, stride, padding, dilation, groups)
