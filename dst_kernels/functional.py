@@ -83,9 +83,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def check_backend_name(backend: str) -> str:
     """Validate a backend name (not its availability); returns it."""
     if not isinstance(backend, str) or backend not in _CHOICES:
-        raise ValueError(
-            f"backend must be one of {', '.join(map(repr, _CHOICES))}; got {backend!r}"
-        )
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _CHOICES))}; got {backend!r}")
     return backend
 
 
@@ -199,9 +197,7 @@ def _check_bias(bias: torch.Tensor | None, weight: torch.Tensor) -> None:
     if bias.device != weight.device:
         raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
     if bias.dtype != weight.dtype:
-        raise TypeError(
-            f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match"
-        )
+        raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match")
 
 
 def _check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -239,9 +235,7 @@ def density(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return _reference.density(weight.detach(), threshold.detach())
 
 
-def masked_weight(
-    weight: torch.Tensor, threshold: torch.Tensor, *, backend: str = "auto"
-) -> torch.Tensor:
+def masked_weight(weight: torch.Tensor, threshold: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``P = W * M``, differentiable in ``W`` and ``t`` through the estimator ``H``."""
     _check_weight_threshold(weight, threshold)
     impl = _backend_impl(resolve_backend(backend, weight.device))
@@ -279,15 +273,12 @@ def dst_linear(
     """``y = x @ (W * M)^T + b`` with DST's gradients for ``W`` and ``t``."""
     _check_weight_threshold(weight, threshold)
     if weight.dim() != 2:
-        raise ValueError(
-            f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
     _check_bias(bias, weight)
     _check_input(x, weight)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"x must have in_features={weight.shape[1]} in its last dimension, "
-            f"got shape {tuple(x.shape)}"
+            f"x must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(x.shape)}"
         )
     impl = _backend_impl(resolve_backend(backend, weight.device))
     return impl.linear(x, weight, threshold, bias)
@@ -312,8 +303,7 @@ def dst_conv2d(
     _check_weight_threshold(weight, threshold)
     if weight.dim() != 4:
         raise ValueError(
-            f"weight must be 4-D [out_channels, in_channels/groups, kh, kw], "
-            f"got {tuple(weight.shape)}"
+            f"weight must be 4-D [out_channels, in_channels/groups, kh, kw], got {tuple(weight.shape)}"
         )
     _check_bias(bias, weight)
     _check_input(x, weight)

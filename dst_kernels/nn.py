@@ -308,9 +308,7 @@ class DSTLSTM(DSTLayer, nn.LSTM):
         }
         self._update_flat_weights()
         dense = self._flat_weights
-        self._flat_weights = [
-            masked.get(name, param) for name, param in zip(self._flat_weights_names, dense)
-        ]
+        self._flat_weights = [masked.get(name, param) for name, param in zip(self._flat_weights_names, dense)]
         try:
             return super().forward(input, hx)
         finally:
@@ -402,9 +400,7 @@ def sparsify(
     exclude = tuple(exclude) if isinstance(exclude, (tuple, list)) else (exclude,)
     for item in include:
         if not (isinstance(item, type) and any(issubclass(item, src) for src, _ in _CONVERTERS)):
-            raise TypeError(
-                f"include must hold nn.Linear, nn.Conv2d or nn.LSTM types, got {item!r}"
-            )
+            raise TypeError(f"include must hold nn.Linear, nn.Conv2d or nn.LSTM types, got {item!r}")
     for item in exclude:
         if not isinstance(item, (str, type)):
             raise TypeError(f"exclude must hold layer types or name patterns, got {item!r}")

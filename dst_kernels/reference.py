@@ -92,9 +92,7 @@ def masked_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def reset_thresholds_(
-    weight: torch.Tensor, threshold: torch.Tensor, min_density: float
-) -> torch.Tensor:
+def reset_thresholds_(weight: torch.Tensor, threshold: torch.Tensor, min_density: float) -> torch.Tensor:
     """The reset rule, in place and without a host sync.
 
     If the kept fraction is ``<= min_density`` the whole threshold vector is

@@ -59,9 +59,7 @@ class SparsityReport(list):
         widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
         def line(row):
-            return "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-            )
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
         rule = "-" * len(line(header))
         return "\n".join([line(header), rule, *map(line, body[:-1]), rule, line(body[-1])])
