@@ -127,7 +127,7 @@ def _extensions():
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     config = {"DST_TORCH_VERSION": torch.__version__}
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc", "include"), _GENERATED]
@@ -137,9 +137,9 @@ def _extensions():
         ext_cls = ce.CUDAExtension
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        config.update(DST_CUDA_VERSION=torch.version.cuda, DST_CUDA_ARCHS=archs)
+        config.update(DST_CUDA_VERSION=torch.version.cuda, DST_CUDA_ARCHS=archs.replace(";", ","))
         include_dirs += _nvidia_wheel_includes()
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         _log(f"building CUDA kernels with CUDA_HOME={cuda_home}, archs {archs}")
     _write_build_config(config)
     ext = ext_cls(

@@ -41,6 +41,12 @@ TORCH_LIBRARY(dst_kernels, m) {
   m.def("build_info() -> str", &dst::build_info);
   // H(x) elementwise: the long-tailed estimator of SPEC section 1.
   m.def("estimator(Tensor x) -> Tensor");
+  // One pass: P = W * (|W| > t[row]) and the kept count; with min_density set, the
+  // reset rule on the device (t_eff = 0 and P recomputed when kept <= min_density *
+  // numel). Returns (P, t_eff); t_eff is t, or zeros after a reset.
+  m.def("dst_mask(Tensor weight, Tensor threshold, float? min_density) -> (Tensor, Tensor)");
+  // One pass: dW = G*M + G*|W|*H(Q) and dt[row] = -sum_j G*W*H(Q), Q = |W| - t[row].
+  m.def("dst_weight_grad(Tensor grad_masked, Tensor weight, Tensor threshold) -> (Tensor, Tensor)");
 }
 
 // An importable module, so `import dst_kernels._C` loads the library and

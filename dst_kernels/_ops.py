@@ -52,8 +52,8 @@ def build_info() -> dict[str, str] | None:
     """What ``_C`` was built against: ``{"torch", "cuda", "archs", "with_cuda"}``, or None."""
     if not _loaded:
         return None
-    pairs = (item.split("=", 1) for item in torch.ops.dst_kernels.build_info().split(";"))
-    return {key: value for key, value in pairs}
+    items = torch.ops.dst_kernels.build_info().split(";")
+    return dict(item.split("=", 1) for item in items if "=" in item)
 
 
 def _check_build_matches() -> None:
@@ -73,9 +73,46 @@ def _check_build_matches() -> None:
 
 _check_build_matches()
 
-if _loaded:
 
+def _register() -> None:
     @torch.library.register_fake("dst_kernels::estimator")
     def _estimator_fake(x):
         torch._check(x.is_floating_point(), lambda: "estimator: x must be floating-point")
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    if not has_op("dst_mask"):
+        return  # an older build: only the reference backend
+
+    @torch.library.register_fake("dst_kernels::dst_mask")
+    def _dst_mask_fake(weight, threshold, min_density):
+        torch._check(threshold.shape == (weight.shape[0],), lambda: "dst_mask: threshold must be [out]")
+        return torch.empty_like(weight), torch.empty_like(threshold)
+
+    @torch.library.register_fake("dst_kernels::dst_weight_grad")
+    def _dst_weight_grad_fake(grad_masked, weight, threshold):
+        torch._check(grad_masked.shape == weight.shape, lambda: "dst_weight_grad: grad shape")
+        return torch.empty_like(weight), torch.empty_like(threshold)
+
+    def _dst_mask_setup(ctx, inputs, output):
+        weight, _, _ = inputs
+        # Only W and the effective thresholds: the mask is recomputed in backward.
+        ctx.save_for_backward(weight, output[1])
+
+    def _dst_mask_backward(ctx, grad_masked, _grad_threshold):
+        weight, t_eff = ctx.saved_tensors
+        if grad_masked is None or not any(ctx.needs_input_grad[:2]):
+            return None, None, None
+        grad_w, grad_t = torch.ops.dst_kernels.dst_weight_grad(grad_masked, weight, t_eff)
+        return (
+            grad_w if ctx.needs_input_grad[0] else None,
+            grad_t if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "dst_kernels::dst_mask", _dst_mask_backward, setup_context=_dst_mask_setup
+    )
+
+
+if _loaded:
+    _register()

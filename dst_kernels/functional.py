@@ -32,7 +32,7 @@ _CHOICES = ("auto",) + BACKENDS
 _AUTO_ORDER = ("triton", "native", "reference")
 
 # Ops a backend must provide to be usable.
-_NATIVE_OPS = ("masked_weight", "weight_grad")
+_NATIVE_OPS = ("dst_mask", "dst_weight_grad")
 
 
 def _native_ready() -> bool:
@@ -211,6 +211,20 @@ def _check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
+def check_min_density(min_density):
+    """``min_density`` as a float in [0, 1), or None (the reset rule off)."""
+    if min_density is None:
+        return None
+    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
+        raise TypeError(f"min_density must be a float in [0, 1) or None, got {min_density!r}")
+    if not 0.0 <= float(min_density) < 1.0:
+        raise ValueError(f"min_density must be in [0, 1) or None, got {min_density!r}")
+    return float(min_density)
+
+
+_check_min_density = check_min_density
+
+
 def _pair(v, name: str) -> tuple[int, int]:
     if isinstance(v, int):
         v = (v, v)
@@ -235,19 +249,27 @@ def density(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return _reference.density(weight.detach(), threshold.detach())
 
 
-def masked_weight(weight: torch.Tensor, threshold: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``P = W * M``, differentiable in ``W`` and ``t`` through the estimator ``H``."""
+def masked_weight(
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    backend: str = "auto",
+    min_density: float | None = None,
+) -> torch.Tensor:
+    """``P = W * M``, differentiable in ``W`` and ``t`` through the estimator ``H``.
+
+    ``min_density`` (training mode; None = off) applies the reset rule first: if
+    at most that fraction of ``weight`` is kept, ``threshold`` is set to 0 in
+    place and the mask is recomputed, all on the device.
+    """
     _check_weight_threshold(weight, threshold)
+    min_density = _check_min_density(min_density)
     impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.masked_weight(weight, threshold)
+    return impl.masked_weight(weight, threshold, min_density)
 
 
 def reset_thresholds_(
-    weight: torch.Tensor,
-    threshold: torch.Tensor,
-    min_density: float | None,
-    *,
-    backend: str = "auto",
+    weight: torch.Tensor, threshold: torch.Tensor, min_density: float | None
 ) -> torch.Tensor | None:
     """The reset rule, in place on ``threshold``, with no host sync.
 
@@ -258,8 +280,8 @@ def reset_thresholds_(
     if min_density is None:
         return None
     _check_weight_threshold(weight, threshold)
-    impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.reset_thresholds_(weight.detach(), threshold.detach(), float(min_density))
+    min_density = _check_min_density(min_density)
+    return _reference.reset_thresholds_(weight.detach(), threshold.detach(), min_density)
 
 
 def dst_linear(
@@ -269,8 +291,12 @@ def dst_linear(
     bias: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    min_density: float | None = None,
 ) -> torch.Tensor:
-    """``y = x @ (W * M)^T + b`` with DST's gradients for ``W`` and ``t``."""
+    """``y = x @ (W * M)^T + b`` with DST's gradients for ``W`` and ``t``.
+
+    ``min_density`` applies the reset rule first (see :func:`masked_weight`).
+    """
     _check_weight_threshold(weight, threshold)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
@@ -280,8 +306,9 @@ def dst_linear(
         raise ValueError(
             f"x must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(x.shape)}"
         )
+    min_density = _check_min_density(min_density)
     impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.linear(x, weight, threshold, bias)
+    return impl.linear(x, weight, threshold, bias, min_density)
 
 
 def dst_conv2d(
@@ -295,10 +322,12 @@ def dst_conv2d(
     groups: int = 1,
     *,
     backend: str = "auto",
+    min_density: float | None = None,
 ) -> torch.Tensor:
     """``conv2d(x, W * M, b, ...)`` with DST's gradients for ``W`` and ``t``.
 
-    ``padding`` may be an int, a pair, or "same" / "valid" as in ``F.conv2d``.
+    ``padding`` may be an int, a pair, or "same" / "valid" as in ``F.conv2d``;
+    ``min_density`` applies the reset rule first (see :func:`masked_weight`).
     """
     _check_weight_threshold(weight, threshold)
     if weight.dim() != 4:
@@ -326,5 +355,6 @@ def dst_conv2d(
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
     else:
         padding = _pair(padding, "padding")
+    min_density = _check_min_density(min_density)
     impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.conv2d(x, weight, threshold, bias, stride, padding, dilation, groups)
+    return impl.conv2d(x, weight, threshold, bias, stride, padding, dilation, groups, min_density)

@@ -19,14 +19,7 @@ from dst_kernels import functional as DF
 __all__ = ["DSTLinear", "DSTConv2d", "DSTLSTM", "DSTLayer", "sparsify", "is_dst_layer"]
 
 
-def _check_min_density(min_density):
-    if min_density is None:
-        return None
-    if isinstance(min_density, bool) or not isinstance(min_density, (int, float)):
-        raise TypeError(f"min_density must be a float in [0, 1) or None, got {min_density!r}")
-    if not 0.0 <= float(min_density) < 1.0:
-        raise ValueError(f"min_density must be in [0, 1) or None, got {min_density!r}")
-    return float(min_density)
+_check_min_density = DF.check_min_density
 
 
 class DSTLayer:
@@ -51,10 +44,9 @@ class DSTLayer:
     def thresholds(self) -> list[nn.Parameter]:
         return [getattr(self, t) for _, t in self._dst_pairs]
 
-    def _apply_reset(self) -> None:
-        if self.training and self.min_density is not None:
-            for weight, threshold in self.dst_parameters():
-                DF.reset_thresholds_(weight, threshold, self.min_density, backend=self.backend)
+    def _reset_bound(self) -> float | None:
+        """``min_density`` in training mode (the reset rule applies), else None."""
+        return self.min_density if self.training else None
 
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:
@@ -109,8 +101,14 @@ class DSTLinear(DSTLayer, nn.Linear):
         self.threshold = self._new_threshold(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._apply_reset()
-        return DF.dst_linear(x, self.weight, self.threshold, self.bias, backend=self.backend)
+        return DF.dst_linear(
+            x,
+            self.weight,
+            self.threshold,
+            self.bias,
+            backend=self.backend,
+            min_density=self._reset_bound(),
+        )
 
     def mask(self) -> torch.Tensor:
         """Boolean mask shaped like ``weight`` (no host sync)."""
@@ -188,7 +186,6 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
         self.threshold = self._new_threshold(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._apply_reset()
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -203,6 +200,7 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
             self.dilation,
             self.groups,
             backend=self.backend,
+            min_density=self._reset_bound(),
         )
 
     def mask(self) -> torch.Tensor:
@@ -301,9 +299,9 @@ class DSTLSTM(DSTLayer, nn.LSTM):
         self._dst_pairs = tuple(pairs)
 
     def forward(self, input, hx=None):
-        self._apply_reset()
+        bound = self._reset_bound()
         masked = {
-            w: DF.masked_weight(getattr(self, w), getattr(self, t), backend=self.backend)
+            w: DF.masked_weight(getattr(self, w), getattr(self, t), backend=self.backend, min_density=bound)
             for w, t in self._dst_pairs
         }
         self._update_flat_weights()

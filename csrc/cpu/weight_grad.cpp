@@ -1,0 +1,96 @@
+// CPU kernel of dst_kernels::dst_weight_grad: one pass over (G, W) per row computing
+//   dW = G*M + G*|W|*H(Q)   and   dt[row] = -sum_j G*W*H(Q),   Q = |W| - t[row],
+// with a deterministic per-row reduction (each row is reduced by one thread).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "dst/checks.h"
+#include "dst/estimator.h"
+
+namespace dst {
+namespace {
+
+constexpr int64_t kGrainElements = 16384;
+
+// One row; returns sum_j G*W*H(Q) (accumulated in opmath precision).
+template <typename scalar_t>
+at::opmath_type<scalar_t> weight_grad_row(const scalar_t* g, const scalar_t* w, scalar_t t,
+                                          scalar_t* dw, int64_t cols) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t acc = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const Vec tv(t), zero(scalar_t(0)), one(scalar_t(1)), two(scalar_t(2)), four(scalar_t(4)),
+        near(scalar_t(0.4));
+    Vec accv(scalar_t(0));
+    for (; j + Vec::size() <= cols; j += Vec::size()) {
+      const Vec wv = Vec::loadu(w + j);
+      const Vec gv = Vec::loadu(g + j);
+      const Vec aw = wv.abs();
+      const Vec q = aw - tv;
+      const Vec aq = q.abs();
+      const Vec m = Vec::blendv(zero, one, aw > tv);
+      // H(q): 2 - 4|q| for |q| <= 0.4, 0.4 for |q| <= 1, else 0 (and 0 for NaN).
+      const Vec h = Vec::blendv(Vec::blendv(zero, near, aq <= one), two - four * aq, aq <= near);
+      (gv * m + gv * aw * h).store(dw + j);
+      accv = accv + gv * wv * h;
+    }
+    scalar_t lanes[Vec::size()];
+    accv.store(lanes);
+    for (int64_t l = 0; l < Vec::size(); ++l) {
+      acc += lanes[l];
+    }
+  }
+  const opmath_t tf = static_cast<opmath_t>(t);
+  for (; j < cols; ++j) {
+    const opmath_t wf = static_cast<opmath_t>(w[j]);
+    const opmath_t gf = static_cast<opmath_t>(g[j]);
+    const opmath_t aw = abs_value(wf);
+    const opmath_t h = estimator(aw - tf);
+    const opmath_t m = static_cast<opmath_t>(keep(wf, tf));
+    dw[j] = static_cast<scalar_t>(gf * m + gf * aw * h);
+    acc += gf * wf * h;
+  }
+  return acc;
+}
+
+std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_masked,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& threshold) {
+  check_weight_threshold("dst_weight_grad", weight, threshold);
+  check_grad("dst_weight_grad", grad_masked, weight);
+  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_w = at::empty_like(weight);
+  at::Tensor grad_t = at::empty_like(t);
+  const int64_t rows = weight.size(0);
+  const int64_t cols = weight.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_weight_grad_cpu", [&] {
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+        const scalar_t* tp = t.const_data_ptr<scalar_t>();
+        scalar_t* dwp = grad_w.mutable_data_ptr<scalar_t>();
+        scalar_t* dtp = grad_t.mutable_data_ptr<scalar_t>();
+        const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const auto s = weight_grad_row(gp + r * cols, wp + r * cols, tp[r], dwp + r * cols, cols);
+            dtp[r] = static_cast<scalar_t>(-s);
+          }
+        });
+      });
+  return {grad_w, grad_t};
+}
+
+}  // namespace
+}  // namespace dst
+
+TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) { m.impl("dst_weight_grad", &dst::dst_weight_grad_cpu); }

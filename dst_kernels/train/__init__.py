@@ -1,0 +1,5 @@
+"""The ``dst-train`` command: dense and DST training runs with metrics, plots and checkpoints."""
+
+from dst_kernels.train.cli import main
+
+__all__ = ["main"]
