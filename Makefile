@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel ruff
+DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel ruff clang-format
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: all demo test lint format bench cuda-check cmake-check clean distclean
@@ -46,13 +46,17 @@ test: $(VENV)/.built
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+CXX_SOURCES = $(shell git ls-files 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.h' 'csrc/*.cuh' 2>/dev/null)
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 format: $(VENV)/.deps
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # Compile the CUDA kernels against the CUDA build of torch (no GPU needed) in a cached
 # environment outside the tree, and run the CPU tests against that build.
@@ -66,9 +70,5 @@ cmake-check: $(VENV)/.built
 clean:
 	rm -rf build dst_kernels/*.so runs bench-results
 
-dist# Build the same library with CMakeLists.txt and check it registers its ops.
-cmake-check: $(VENV)/.built
-	bash .ci/cmake_check.sh $(abspath $(PY))
-
-clean: clean
+distclean: clean
 	rm -rf $(VENV)

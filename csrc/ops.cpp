@@ -53,7 +53,10 @@ TORCH_LIBRARY(dst_kernels, m) {
 // registers the ops above; it exposes nothing else.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "dst_kernels compiled ops (see torch.ops.dst_kernels)", -1,
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "dst_kernels compiled ops (see torch.ops.dst_kernels)",
+      -1,
       nullptr,
   };
   return PyModule_Create(&module_def);

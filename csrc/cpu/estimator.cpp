@@ -1,11 +1,11 @@
 // CPU kernel of dst_kernels::estimator.
+#include "dst/estimator.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ATen.h>
 #include <torch/library.h>
-
-#include "dst/estimator.h"
 
 namespace dst {
 namespace {

@@ -52,8 +52,7 @@ int64_t mask_row(const scalar_t* w, scalar_t t, scalar_t* out, int64_t cols) {
 }
 
 template <typename scalar_t>
-int64_t mask_rows(const scalar_t* w, const scalar_t* t, scalar_t* out, int64_t rows,
-                  int64_t cols) {
+int64_t mask_rows(const scalar_t* w, const scalar_t* t, scalar_t* out, int64_t rows, int64_t cols) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
   return at::parallel_reduce(
       0, rows, grain, int64_t(0),

@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_ma
         const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
-            const auto s = weight_grad_row(gp + r * cols, wp + r * cols, tp[r], dwp + r * cols, cols);
+            const auto s =
+                weight_grad_row(gp + r * cols, wp + r * cols, tp[r], dwp + r * cols, cols);
             dtp[r] = static_cast<scalar_t>(-s);
           }
         });

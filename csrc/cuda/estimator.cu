@@ -1,7 +1,7 @@
 // CUDA kernel of dst_kernels::estimator.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -37,11 +37,12 @@ at::Tensor estimator_cuda(const at::Tensor& x) {
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "estimator_cuda", [&] {
-    estimator_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "estimator_cuda", [&] {
+        estimator_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+            xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return out;
 }
 

@@ -56,8 +56,9 @@ __global__ void mask_count_kernel(const scalar_t* __restrict__ w, const scalar_t
 
 template <typename scalar_t>
 __global__ void reset_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ t_eff,
-                             scalar_t* __restrict__ out, const unsigned long long* __restrict__ kept,
-                             int64_t numel, int64_t rows, double min_density) {
+                             scalar_t* __restrict__ out,
+                             const unsigned long long* __restrict__ kept, int64_t numel,
+                             int64_t rows, double min_density) {
   if (!reset_due(static_cast<long long>(*kept), numel, min_density)) {
     return;
   }
@@ -88,25 +89,26 @@ std::tuple<at::Tensor, at::Tensor> dst_mask_cuda(const at::Tensor& weight,
   const int64_t rows = weight.size(0);
   const int64_t cols = numel / rows;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_mask_cuda", [&] {
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto* kp = reinterpret_cast<unsigned long long*>(kept.mutable_data_ptr<int64_t>());
-    constexpr int V = pack_size<scalar_t>();
-    if (cols % V == 0 && aligned16(wp) && aligned16(op)) {
-      mask_count_kernel<scalar_t, V><<<grid_for(numel / V, kThreads), kThreads, 0, stream>>>(
-          wp, t.const_data_ptr<scalar_t>(), op, kp, numel, cols);
-    } else {
-      mask_count_kernel<scalar_t, 1><<<grid_for(numel, kThreads), kThreads, 0, stream>>>(
-          wp, t.const_data_ptr<scalar_t>(), op, kp, numel, cols);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (min_density.has_value()) {
-      reset_kernel<scalar_t><<<grid_for(numel, kThreads), kThreads, 0, stream>>>(
-          wp, t_eff.mutable_data_ptr<scalar_t>(), op, kp, numel, rows, *min_density);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_mask_cuda", [&] {
+        const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        auto* kp = reinterpret_cast<unsigned long long*>(kept.mutable_data_ptr<int64_t>());
+        constexpr int V = pack_size<scalar_t>();
+        if (cols % V == 0 && aligned16(wp) && aligned16(op)) {
+          mask_count_kernel<scalar_t, V><<<grid_for(numel / V, kThreads), kThreads, 0, stream>>>(
+              wp, t.const_data_ptr<scalar_t>(), op, kp, numel, cols);
+        } else {
+          mask_count_kernel<scalar_t, 1><<<grid_for(numel, kThreads), kThreads, 0, stream>>>(
+              wp, t.const_data_ptr<scalar_t>(), op, kp, numel, cols);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (min_density.has_value()) {
+          reset_kernel<scalar_t><<<grid_for(numel, kThreads), kThreads, 0, stream>>>(
+              wp, t_eff.mutable_data_ptr<scalar_t>(), op, kp, numel, rows, *min_density);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
   return {out, t_eff};
 }
 

@@ -93,6 +93,4 @@ std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cuda(const at::Tensor& grad_m
 }  // namespace
 }  // namespace dst
 
-TORCH_LIBRARY_IMPL(dst_kernels, CUDA, m) {
-  m.impl("dst_weight_grad", &dst::dst_weight_grad_cuda);
-}
+TORCH_LIBRARY_IMPL(dst_kernels, CUDA, m) { m.impl("dst_weight_grad", &dst::dst_weight_grad_cuda); }
