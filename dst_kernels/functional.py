@@ -226,12 +226,15 @@ _check_min_density = check_min_density
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if (
+        not isinstance(v, (tuple, list))
+        or len(v) != 2
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+    ):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
+    return tuple(v)
 
 
 # ----------------------------------------------------------------------------- ops

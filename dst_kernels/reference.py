@@ -72,7 +72,9 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         weight, threshold = inputs
-        ctx.save_for_backward(weight, threshold)
+        # A copy: the reset rule updates the threshold parameter in place, and a layer
+        # used twice before backward must keep the thresholds each call saw.
+        ctx.save_for_backward(weight, threshold.detach().clone())
 
     @staticmethod
     def backward(ctx, grad):

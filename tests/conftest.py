@@ -16,10 +16,12 @@ Test modules import the helpers with ``from conftest import ...`` (pytest puts `
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 SEED = 1234
 
@@ -136,6 +138,42 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, n
 
 def tol_for(dtype: torch.dtype) -> float:
     return TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+# Python-level ways to read a tensor's value on the host: on a GPU each one is a synchronisation.
+_HOST_READS = {
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.is_nonzero,
+    torch.equal,
+    torch.allclose,
+}
+
+
+class _NoHostSync(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            raise AssertionError(f"host synchronisation: {getattr(func, '__name__', func)} on a tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Fail if the code inside reads a tensor value on the host (.item(), bool(), ...).
+
+    ``torch.compile(fullgraph=True)`` is no such check in this torch: ``bool(t)`` / ``t.item()``
+    inside a compiled function do not raise there. Tensors on the ``meta`` device are the
+    other check: any host read of one raises.
+    """
+    with _NoHostSync():
+        yield
 
 
 # ----------------------------------------------------------------------------- cases

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -18,47 +17,40 @@ namespace {
 
 constexpr int64_t kGrainElements = 16384;
 
-// One row; returns sum_j G*W*H(Q) (accumulated in opmath precision).
+// One row; returns sum_j G*W*H(Q) (accumulated in opmath precision). Branch-free, so
+// the compiler vectorises it (OpenMP simd; the reduction order is fixed per build).
 template <typename scalar_t>
-at::opmath_type<scalar_t> weight_grad_row(const scalar_t* g, const scalar_t* w, scalar_t t,
-                                          scalar_t* dw, int64_t cols) {
+inline __attribute__((always_inline)) at::opmath_type<scalar_t> weight_grad_row_impl(
+    const scalar_t* __restrict__ g, const scalar_t* __restrict__ w, scalar_t t,
+    scalar_t* __restrict__ dw, int64_t cols) {
   using opmath_t = at::opmath_type<scalar_t>;
-  opmath_t acc = 0;
-  int64_t j = 0;
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec tv(t), zero(scalar_t(0)), one(scalar_t(1)), two(scalar_t(2)), four(scalar_t(4)),
-        near(scalar_t(0.4));
-    Vec accv(scalar_t(0));
-    for (; j + Vec::size() <= cols; j += Vec::size()) {
-      const Vec wv = Vec::loadu(w + j);
-      const Vec gv = Vec::loadu(g + j);
-      const Vec aw = wv.abs();
-      const Vec q = aw - tv;
-      const Vec aq = q.abs();
-      const Vec m = Vec::blendv(zero, one, aw > tv);
-      // H(q): 2 - 4|q| for |q| <= 0.4, 0.4 for |q| <= 1, else 0 (and 0 for NaN).
-      const Vec h = Vec::blendv(Vec::blendv(zero, near, aq <= one), two - four * aq, aq <= near);
-      (gv * m + gv * aw * h).store(dw + j);
-      accv = accv + gv * wv * h;
-    }
-    scalar_t lanes[Vec::size()];
-    accv.store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) {
-      acc += lanes[l];
-    }
-  }
   const opmath_t tf = static_cast<opmath_t>(t);
-  for (; j < cols; ++j) {
+  opmath_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < cols; ++j) {
     const opmath_t wf = static_cast<opmath_t>(w[j]);
     const opmath_t gf = static_cast<opmath_t>(g[j]);
     const opmath_t aw = abs_value(wf);
     const opmath_t h = estimator(aw - tf);
-    const opmath_t m = static_cast<opmath_t>(keep(wf, tf));
+    const opmath_t m = keep(wf, tf);
     dw[j] = static_cast<scalar_t>(gf * m + gf * aw * h);
     acc += gf * wf * h;
   }
   return acc;
+}
+
+template <typename scalar_t>
+at::opmath_type<scalar_t> weight_grad_row(const scalar_t* g, const scalar_t* w, scalar_t t,
+                                          scalar_t* dw, int64_t cols) {
+  return weight_grad_row_impl(g, w, t, dw, cols);
+}
+DST_CPU_CLONES float weight_grad_row(const float* g, const float* w, float t, float* dw,
+                                     int64_t cols) {
+  return weight_grad_row_impl(g, w, t, dw, cols);
+}
+DST_CPU_CLONES double weight_grad_row(const double* g, const double* w, double t, double* dw,
+                                      int64_t cols) {
+  return weight_grad_row_impl(g, w, t, dw, cols);
 }
 
 std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_masked,

@@ -40,9 +40,9 @@ __global__ void mask_count_kernel(const scalar_t* __restrict__ w, const scalar_t
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const opmath_t wf = static_cast<opmath_t>(wv.v[k]);
-      const bool m = keep(wf, tr);
-      ov.v[k] = static_cast<scalar_t>(wf * static_cast<opmath_t>(m));
-      count += m;
+      const opmath_t m = keep(wf, tr);
+      ov.v[k] = static_cast<scalar_t>(wf * m);
+      count += static_cast<unsigned int>(m);
     }
     reinterpret_cast<PackT*>(out)[p] = ov;
   }
@@ -67,7 +67,7 @@ __global__ void reset_kernel(const scalar_t* __restrict__ w, scalar_t* __restric
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
     const opmath_t wf = static_cast<opmath_t>(w[i]);
-    out[i] = static_cast<scalar_t>(wf * static_cast<opmath_t>(keep(wf, opmath_t(0))));
+    out[i] = static_cast<scalar_t>(wf * keep(wf, opmath_t(0)));
     if (i < rows) {
       t_eff[i] = scalar_t(0);
     }

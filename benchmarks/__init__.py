@@ -1,0 +1,1 @@
+"""dst_kernels benchmark suite (pytest-benchmark + an interleaved ratio harness)."""

@@ -1,0 +1,63 @@
+"""Benchmark cases per machine size."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Case
+
+# (tokens, in_features, out_features)
+LINEAR = {
+    "smoke": [(3, 7, 5)],
+    "cpu": [(64, 784, 300), (64, 300, 100), (256, 1024, 1024), (1024, 4096, 1024)],
+    "gpu": [
+        (64, 784, 300),
+        (8192, 4096, 4096),
+        (4096, 4096, 11008),
+        (16, 4096, 4096),
+        (64, 4096, 4096),
+        (256, 4096, 4096),
+        (256, 4096, 11008),
+    ],
+}
+# (N, C, H, W, out_channels, kernel): LeNet-5, VGG-16 / WRN-16-8 CIFAR, ResNet-50 3x3
+CONV2D = {
+    "smoke": [(2, 3, 5, 5, 4, 3)],
+    "cpu": [(64, 20, 12, 12, 50, 5), (8, 64, 32, 32, 64, 3), (8, 128, 16, 16, 128, 3)],
+    "gpu": [
+        (128, 64, 32, 32, 64, 3),
+        (128, 128, 16, 16, 128, 3),
+        (128, 256, 8, 8, 256, 3),
+        (128, 512, 4, 4, 512, 3),
+        (128, 128, 32, 32, 128, 3),
+        (128, 256, 16, 16, 256, 3),
+        (128, 64, 56, 56, 64, 3),
+        (128, 128, 28, 28, 128, 3),
+        (128, 256, 14, 14, 256, 3),
+        (128, 512, 7, 7, 512, 3),
+    ],
+}
+DTYPES = {
+    "smoke": [torch.float32],
+    "cpu": [torch.float32],
+    "gpu": [torch.bfloat16, torch.float16, torch.float32],
+}
+MODES = {"smoke": ["forward", "backward", "step"], "cpu": ["step", "forward"], "gpu": ["step", "forward"]}
+
+
+def cases_for(size: str, device: str, ops=None) -> list[Case]:
+    table = {"linear": LINEAR, "conv2d": CONV2D}
+    unknown = set(ops or ()) - set(table)
+    if unknown:
+        raise SystemExit(f"unknown op families {sorted(unknown)}; choose from {sorted(table)}")
+    out = []
+    for op, shapes in table.items():
+        if ops and op not in ops:
+            continue
+        for mode in MODES[size]:
+            for dtype in DTYPES[size]:
+                for shape in shapes[size]:
+                    if mode == "forward" and size != "smoke" and shape != shapes[size][0]:
+                        continue  # forward-only on the first shape of each family
+                    out.append(Case(op, shape, dtype, mode, device))
+    return out
