@@ -76,7 +76,10 @@ def write_chart(results: dict, path: str) -> None:
     items = sorted((k, v) for k, v in ratios(results).items() if k[-1].endswith("/dense"))
     if not items:
         return
-    labels = [f"{op} {mode} {dtype} {'x'.join(map(str, shape))} [{name}]" for (op, mode, dtype, shape, name), _ in items]
+    labels = [
+        f"{op} {mode} {dtype} {'x'.join(map(str, shape))} [{name}]"
+        for (op, mode, dtype, shape, name), _ in items
+    ]
     values = [v for _, v in items]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(items) + 1.5), dpi=110)
     ax.barh(range(len(items)), values, color=["tab:green" if v <= 1.05 else "tab:orange" for v in values])
@@ -101,5 +104,7 @@ def compare(old: dict, new: dict, threshold: float = 0.10) -> list[str]:
         change = value / prev - 1.0 if higher_is_worse else prev / value - 1.0
         if change > threshold:
             op, mode, dtype, shape, name = key
-            worse.append(f"{op} {mode} {dtype} {shape} {name}: {prev:.3f} -> {value:.3f} ({100 * change:+.0f} %)")
+            worse.append(
+                f"{op} {mode} {dtype} {shape} {name}: {prev:.3f} -> {value:.3f} ({100 * change:+.0f} %)"
+            )
     return worse

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     records = []
     for case in cases_for(size, device, ops):
         impls = available_impls(case)
-        print(f"bench: {case.op} {case.mode} {tuple(case.shape)} {case.dtype} on {device}: {impls}", flush=True)
+        print(
+            f"bench: {case.op} {case.mode} {tuple(case.shape)} {case.dtype} on {device}: {impls}", flush=True
+        )
         records += measure(case, impls, rounds=rounds, inner=inner or case_inner(case))
     results = {
         "device": _device_name(device),

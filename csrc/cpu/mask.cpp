@@ -22,8 +22,7 @@ constexpr int64_t kGrainElements = 32768;
 // compiler vectorises it (OpenMP simd) for the instruction set it targets.
 template <typename scalar_t>
 inline __attribute__((always_inline)) int64_t mask_row_impl(const scalar_t* __restrict__ w,
-                                                            scalar_t t,
-                                                            scalar_t* __restrict__ out,
+                                                            scalar_t t, scalar_t* __restrict__ out,
                                                             int64_t cols) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t tf = static_cast<opmath_t>(t);
