@@ -58,6 +58,14 @@ format: $(VENV)/.deps
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
+# The benchmark suite (pytest-benchmark), sized for the machine: a CPU subset, or the full
+# set on a GPU. Writes bench-results/{results.json,report.md,ratios.png}.
+# `make bench COMPARE=old.json` also flags any ratio more than 10 % worse than in old.json.
+bench: $(VENV)/.built
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider -o python_files='bench_*.py' \
+	  --bench-out bench-results $(BENCH_ARGS)
+	@if [ -n "$(COMPARE)" ]; then $(PY) -m benchmarks.run --no-run --compare $(COMPARE) --out bench-results; fi
+
 # Compile the CUDA kernels against the CUDA build of torch (no GPU needed) in a cached
 # environment outside the tree, and run the CPU tests against that build.
 cuda-check:

@@ -32,6 +32,10 @@ class Case:
     mode: str  # forward | backward | step
     device: str
 
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -154,8 +158,21 @@ def _timer(device: str):
     return timed
 
 
-def measure(case: Case, impls: list[str], rounds: int = 7, inner: int = 5, warmup: int = 3) -> list[dict]:
+def default_inner(case: Case) -> int:
+    """Calls per timed sample: enough to sit well above the timer's resolution."""
+    if case.device == "cuda":
+        return 20
+    work = 1
+    for s in case.shape:
+        work *= s
+    return max(1, min(20, int(2e8 // max(work, 1))))
+
+
+def measure(
+    case: Case, impls: list[str], rounds: int = 7, inner: int | None = None, warmup: int = 3
+) -> list[dict]:
     """Interleaved medians for every implementation of ``case``: a record per implementation."""
+    inner = inner or default_inner(case)
     x = make_input(case)
     steps, peaks = {}, {}
     for impl in impls:

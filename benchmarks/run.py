@@ -40,6 +40,22 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def write_results(records: list[dict], out: str, device: str) -> dict:
+    """``results.json`` (the suite's schema), ``report.md`` and ``ratios.png`` in ``out``."""
+    results = {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "commit": _commit(),
+        "records": records,
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_report(results, os.path.join(out, "report.md"))
+    write_chart(results, os.path.join(out, "ratios.png"))
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["smoke", "cpu", "gpu"], default=None)
@@ -47,50 +63,34 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--compare", default=None, metavar="OLD.json")
+    p.add_argument("--compare", default=None, metavar="OLD.json", help="flag ratios >10%% worse than OLD")
+    p.add_argument(
+        "--no-run", action="store_true", help="with --compare: compare OUT/results.json, run nothing"
+    )
     args = p.parse_args(argv)
-    if args.compare and args.size is None and os.path.exists(os.path.join(args.out, "results.json")):
+    if args.no_run:
+        if not args.compare:
+            p.error("--no-run needs --compare")
         with open(os.path.join(args.out, "results.json")) as f:
-            new = json.load(f)
-        return _report_compare(args.compare, new)
+            return _report_compare(args.compare, json.load(f))
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
     device = "cuda" if size == "gpu" else "cpu"
     torch.set_num_threads(args.threads)
     ops = args.ops.split(",") if args.ops else None
     rounds = args.rounds or (3 if size == "smoke" else 9)
-    inner = 1 if size == "smoke" else None
     records = []
     for case in cases_for(size, device, ops):
         impls = available_impls(case)
         print(
-            f"bench: {case.op} {case.mode} {tuple(case.shape)} {case.dtype} on {device}: {impls}", flush=True
+            f"bench: {case.op} {case.mode} {tuple(case.shape)} {case.dtype_name} on {device}: {impls}",
+            flush=True,
         )
-        records += measure(case, impls, rounds=rounds, inner=inner or case_inner(case))
-    results = {
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "commit": _commit(),
-        "records": records,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_report(results, os.path.join(args.out, "report.md"))
-    write_chart(results, os.path.join(args.out, "ratios.png"))
+        records += measure(case, impls, rounds=rounds, inner=1 if size == "smoke" else None)
+    results = write_results(records, args.out, device)
     print(open(os.path.join(args.out, "report.md")).read())
     if args.compare:
         return _report_compare(args.compare, results)
     return 0
-
-
-def case_inner(case) -> int:
-    """Iterations per timed sample: enough to get well above timer resolution."""
-    if case.device == "cuda":
-        return 20
-    work = 1
-    for s in case.shape:
-        work *= s
-    return max(1, min(20, int(2e8 // max(work, 1))))
 
 
 def _report_compare(old_path: str, new: dict) -> int:

@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-t) in the loss")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument(
+        "--milestones", default=None, help="comma-separated epochs where the lr drops x0.1 (default: recipe's)"
+    )
     p.add_argument("--min-density", type=float, default=0.01, help="reset rule bound; <0 turns it off")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "triton"])
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -81,7 +84,13 @@ def _resolve(args) -> argparse.Namespace:
     for key in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "alpha"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-    args.milestones = recipe.get("milestones", [])
+    if args.milestones is None:
+        args.milestones = recipe.get("milestones", [])
+    else:
+        try:
+            args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
+        except ValueError:
+            raise SystemExit(f"dst-train: --milestones must be comma-separated epochs, got {args.milestones!r}")
     if args.model is None:
         args.model = recipe["model"]
         if args.model is None:

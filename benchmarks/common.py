@@ -1,0 +1,22 @@
+"""The body shared by every benchmark test: interleaved records plus pytest-benchmark timing."""
+
+from __future__ import annotations
+
+from benchmarks.harness import OURS, available_impls, build_layer, make_input, make_step, measure
+
+
+def run_case(benchmark, case, records: list[dict], size: str) -> None:
+    impls = available_impls(case)
+    rounds = 3 if size == "smoke" else 9
+    inner = 1 if size == "smoke" else None
+    found = measure(case, impls, rounds=rounds, inner=inner)
+    records.extend(found)
+    by_impl = {r["impl"]: r for r in found}
+    ours = next((i for i in OURS if i in impls), "reference")
+    step = make_step(build_layer(ours, case), make_input(case), case)
+    benchmark.extra_info.update(
+        impl=ours,
+        **{f"{i}_median_ms": r["median_ms"] for i, r in by_impl.items()},
+        **{f"{ours}/dense": by_impl[ours]["median_ms"] / by_impl["dense"]["median_ms"]},
+    )
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)

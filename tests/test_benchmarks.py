@@ -1,0 +1,74 @@
+"""Smoke test: every benchmark runs once on tiny shapes, so the suite cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_suite_smoke(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "python_files=bench_*.py",
+            "--bench-size",
+            "smoke",
+            "--bench-out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"device", "torch", "commit", "records"}
+    records = results["records"]
+    ops = {r["op"] for r in records}
+    assert ops == {"linear", "conv2d"}
+    impls = {r["impl"] for r in records}
+    assert {"dense", "paper", "ao-fakesparsity", "reference"} <= impls
+    for r in records:
+        assert set(r) == {"op", "impl", "shape", "dtype", "mode", "median_ms", "iqr_ms", "peak_mem_bytes"}
+        assert r["median_ms"] > 0 and r["dtype"] == "float32"
+    report = (out / "report.md").read_text()
+    assert "linear step (float32)" in report and "conv2d forward (float32)" in report
+    assert (out / "ratios.png").stat().st_size > 0
+
+
+def test_compare_flags_a_worse_ratio(tmp_path):
+    from benchmarks.report import compare
+
+    def results(native_ms):
+        base = {
+            "op": "linear",
+            "shape": [1, 2, 3],
+            "dtype": "float32",
+            "mode": "step",
+            "iqr_ms": 0.0,
+            "peak_mem_bytes": None,
+        }
+        return {
+            "records": [
+                dict(base, impl="dense", median_ms=1.0),
+                dict(base, impl="native", median_ms=native_ms),
+                dict(base, impl="paper", median_ms=3.0),
+            ]
+        }
+
+    assert compare(results(1.0), results(1.05)) == []
+    worse = compare(results(1.0), results(1.2))
+    assert any("native/dense" in w for w in worse) and any("paper/native" in w for w in worse)
