@@ -128,8 +128,9 @@ def _extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     config = {"DST_TORCH_VERSION": torch.__version__}
     # The C++ standard comes from torch.utils.cpp_extension. -fno-trapping-math lets the
-    # branch-free per-element maths vectorise (no code here reads FP exception flags).
-    cxx_flags = ["-O3", "-fno-trapping-math"]
+    # branch-free per-element maths vectorise (no code here reads FP exception flags);
+    # -ffp-contract=off keeps results bit-identical to the unfused reference.
+    cxx_flags = ["-O3", "-fno-trapping-math", "-ffp-contract=off"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc", "include"), _GENERATED]
@@ -141,7 +142,8 @@ def _extensions():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         config.update(DST_CUDA_VERSION=torch.version.cuda, DST_CUDA_ARCHS=archs.replace(";", ","))
         include_dirs += _nvidia_wheel_includes()
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        # --fmad=false: no contracted multiply-adds, so results match the unfused reference bit for bit
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
         _log(f"building CUDA kernels with CUDA_HOME={cuda_home}, archs {archs}")
     _write_build_config(config)
     ext = ext_cls(
