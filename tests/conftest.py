@@ -199,3 +199,11 @@ def make_case(shape, dtype: torch.dtype, seed: int = SEED):
         elif i % 3 == 1:
             threshold[i] = -0.25
     return weight, threshold
+
+
+# CPU always; CUDA as a marked parameter that runs only where a GPU is present.
+CUDA_PARAM = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+DEVICES = ["cpu", CUDA_PARAM]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close_rel, make_case, rederive, spec_mask
+from conftest import DEVICES, assert_close_rel, make_case, rederive, spec_mask
 
 import dst_kernels as dst
 from dst_kernels import _ops, native
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 17), (7, 13), (31, 17), (5, 123), (64, 1), (300, 784), (8, 3, 3, 3), (13, 2, 5, 7)]
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close_rel, make_case, row_length, tol_for
+from conftest import DEVICES, assert_close_rel, make_case, row_length, tol_for
 
 import dst_kernels as dst
 from dst_kernels import functional as DF
@@ -14,8 +14,6 @@ from dst_kernels import functional as DF
 pytestmark = pytest.mark.skipif(
     os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
 )
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _grads(fn, inputs):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_close_rel, make_case, rederive, row_length, tol_for
+from conftest import DEVICES, assert_close_rel, make_case, rederive, row_length, tol_for
 
 from dst_kernels import reference as ref
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 SHAPES = [(1, 1), (1, 17), (7, 13), (31, 17), (5, 123), (64, 1), (300, 784), (8, 3, 3, 3), (13, 2, 5, 7)]
 
 

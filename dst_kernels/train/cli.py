@@ -29,7 +29,7 @@ __all__ = ["main", "parser"]
 # retuned for the 4000-image bundled MNIST sample (16x fewer steps per epoch).
 RECIPES = {
     "mnist5k": dict(
-        model="lenet300", epochs=80, lr=0.01, momentum=0.9, batch_size=64, alpha=2e-3, weight_decay=0.0
+        model="lenet300", epochs=80, lr=0.01, momentum=0.9, batch_size=64, alpha=1.5e-3, weight_decay=0.0
     ),
     "mnist": dict(
         model="lenet300", epochs=20, lr=0.01, momentum=0.9, batch_size=64, alpha=5e-4, weight_decay=0.0
