@@ -35,9 +35,9 @@ inline __attribute__((always_inline)) int64_t mask_row_impl(const scalar_t* __re
 #pragma omp simd reduction(+ : count)
     for (int64_t j = begin; j < end; ++j) {
       const opmath_t wf = static_cast<opmath_t>(w[j]);
-      const opmath_t m = keep(wf, tf);
-      out[j] = static_cast<scalar_t>(wf * m);
-      count += static_cast<int32_t>(m);
+      const bool k = abs_value(wf) > tf;
+      out[j] = static_cast<scalar_t>(wf * (k ? opmath_t(1) : opmath_t(0)));
+      count += k ? 1 : 0;
     }
     kept += count;
   }

@@ -32,8 +32,8 @@ inline __attribute__((always_inline)) at::opmath_type<scalar_t> weight_grad_row_
     const opmath_t gf = static_cast<opmath_t>(g[j]);
     const opmath_t aw = abs_value(wf);
     const opmath_t h = estimator(aw - tf);
-    const opmath_t m = keep(wf, tf);
-    dw[j] = static_cast<scalar_t>(gf * m + gf * aw * h);
+    const opmath_t gm = aw > tf ? gf : opmath_t(0);  // G * M
+    dw[j] = static_cast<scalar_t>(gm + gf * aw * h);
     acc += gf * wf * h;
   }
   return acc;

@@ -43,8 +43,8 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_
       const opmath_t wf = static_cast<opmath_t>(wv.v[k]);
       const opmath_t aw = abs_value(wf);
       const opmath_t h = estimator(aw - tr);
-      const opmath_t m = keep(wf, tr);
-      out.v[k] = static_cast<scalar_t>(gf * m + gf * aw * h);
+      const opmath_t gm = aw > tr ? gf : opmath_t(0);  // G * M
+      out.v[k] = static_cast<scalar_t>(gm + gf * aw * h);
       acc += gf * wf * h;
     }
     dwp[p] = out;

@@ -3,11 +3,11 @@
 
 #include <ATen/ATen.h>
 
-// CPU row kernels are compiled for AVX2 and for the baseline instruction set and
+// CPU row kernels are compiled for AVX-512, AVX2 and the baseline instruction set and
 // picked at load time (GCC function multi-versioning). No FMA: results stay
 // bit-identical to the unfused reference.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define DST_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DST_CPU_CLONES
 #endif

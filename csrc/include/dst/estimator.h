@@ -18,16 +18,12 @@ DST_HOST_DEVICE double abs_value(double x) { return fabs(x); }
 
 // The long-tailed estimator H of the step function's derivative:
 //   2 - 4|x| for |x| <= 0.4, 0.4 for 0.4 < |x| <= 1, 0 otherwise (and for NaN).
-// Arithmetic on 0/1 indicators instead of branches, so that CPU loops over it
-// vectorise; NaN is clamped to 2 (outside the support) so it yields 0 as the
-// reference does. Values are bit-identical to the piecewise definition.
+// Selects, not branches: with -fno-trapping-math CPU loops over it vectorise. NaN
+// fails both comparisons and yields 0, as in the reference.
 template <typename T>
 DST_HOST_DEVICE T estimator(T x) {
-  T a = abs_value(x);
-  a = a < T(2) ? a : T(2);
-  const T near = static_cast<T>(a <= T(0.4));
-  const T mid = static_cast<T>(a <= T(1)) - near;
-  return near * (T(2) - T(4) * a) + mid * T(0.4);
+  const T a = abs_value(x);
+  return a <= T(0.4) ? T(2) - T(4) * a : (a <= T(1) ? T(0.4) : T(0));
 }
 
 // The mask value M = S(|w| - t) as 1 or 0 in T: strict, so ties |w| == t are masked
