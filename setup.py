@@ -125,7 +125,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     from torch.utils import cpp_extension as ce
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     config = {"DST_TORCH_VERSION": torch.__version__}
     # The C++ standard comes from torch.utils.cpp_extension. -fno-trapping-math lets the
     # branch-free per-element maths vectorise (no code here reads FP exception flags);

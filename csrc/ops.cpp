@@ -47,6 +47,14 @@ TORCH_LIBRARY(dst_kernels, m) {
   m.def("dst_mask(Tensor weight, Tensor threshold, float? min_density) -> (Tensor, Tensor)");
   // One pass: dW = G*M + G*|W|*H(Q) and dt[row] = -sum_j G*W*H(Q), Q = |W| - t[row].
   m.def("dst_weight_grad(Tensor grad_masked, Tensor weight, Tensor threshold) -> (Tensor, Tensor)");
+  // The same, writing dW over grad_masked (same layout as weight); returns dt.
+  m.def("dst_weight_grad_(Tensor(a!) grad_masked, Tensor weight, Tensor threshold) -> Tensor");
+  // The linear layer's forward: (P, t_eff) = dst_mask(weight, threshold, min_density), then
+  // y = linear(x, P, bias). Returns (y, P, t_eff). Its backward (dst_kernels/_ops.py) takes
+  // dx from the saved P and dW, dt from one GEMM plus dst_weight_grad_ in the GEMM's buffer.
+  m.def(
+      "dst_linear(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, float? min_density) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 // An importable module, so `import dst_kernels._C` loads the library and

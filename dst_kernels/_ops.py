@@ -93,10 +93,22 @@ def _register() -> None:
         torch._check(grad_masked.shape == weight.shape, lambda: "dst_weight_grad: grad shape")
         return torch.empty_like(weight), torch.empty_like(threshold)
 
+    @torch.library.register_fake("dst_kernels::dst_weight_grad_")
+    def _dst_weight_grad_inplace_fake(grad_masked, weight, threshold):
+        torch._check(grad_masked.shape == weight.shape, lambda: "dst_weight_grad_: grad shape")
+        return torch.empty_like(threshold)
+
+    @torch.library.register_fake("dst_kernels::dst_linear")
+    def _dst_linear_fake(x, weight, threshold, bias, min_density):
+        torch._check(x.shape[-1] == weight.shape[1], lambda: "dst_linear: x features")
+        y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        return y, torch.empty_like(weight), torch.empty_like(threshold)
+
     def _dst_mask_setup(ctx, inputs, output):
         weight, _, _ = inputs
         # Only W and the effective thresholds: the mask is recomputed in backward.
         ctx.save_for_backward(weight, output[1])
+        ctx.mark_non_differentiable(output[1])
 
     def _dst_mask_backward(ctx, grad_masked, _grad_threshold):
         weight, t_eff = ctx.saved_tensors
@@ -111,6 +123,36 @@ def _register() -> None:
 
     torch.library.register_autograd(
         "dst_kernels::dst_mask", _dst_mask_backward, setup_context=_dst_mask_setup
+    )
+
+    def _dst_linear_setup(ctx, inputs, output):
+        x, weight, _, bias, _ = inputs
+        _, masked, t_eff = output
+        # x and P for the two GEMMs, W and the effective thresholds for the estimator;
+        # P is what a plain linear layer on P would keep anyway, and no mask is kept.
+        ctx.save_for_backward(x, weight, masked, t_eff)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(masked, t_eff)
+
+    def _dst_linear_backward(ctx, grad_y, _grad_masked, _grad_threshold):
+        x, weight, masked, t_eff = ctx.saved_tensors
+        need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_t = grad_b = None
+        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+        if need_x:
+            grad_x = grad_y.matmul(masked)
+        if need_w or need_t:
+            # G = dY^T X lands in a fresh buffer; dW overwrites it in place.
+            grad = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
+            grad_t = torch.ops.dst_kernels.dst_weight_grad_(grad, weight, t_eff)
+            grad_w = grad if need_w else None
+            grad_t = grad_t if need_t else None
+        if need_b and ctx.has_bias:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_t, grad_b, None
+
+    torch.library.register_autograd(
+        "dst_kernels::dst_linear", _dst_linear_backward, setup_context=_dst_linear_setup
     )
 
 

@@ -25,7 +25,14 @@ def masked_weight(weight, threshold, min_density=None):
 
 
 def linear(x, weight, threshold, bias=None, min_density=None):
-    return F.linear(x, masked_weight(weight, threshold, min_density), bias)
+    if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
+        # Mixed precision: autocast casts P for the GEMM.
+        return F.linear(x, masked_weight(weight, threshold, min_density), bias)
+    y, _, t_eff = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, min_density)
+    if min_density is not None:
+        with torch.no_grad():
+            threshold.copy_(t_eff)
+    return y
 
 
 def conv2d(x, weight, threshold, bias, stride, padding, dilation, groups, min_density=None):

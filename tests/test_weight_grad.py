@@ -94,3 +94,31 @@ def test_opcheck_dst_weight_grad(dtype):
 def test_weight_grad_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.dst_kernels.dst_weight_grad(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (300, 784), (8, 3, 3, 3)])
+def test_weight_grad_inplace_matches_out_of_place(shape, dtype, device):
+    weight, threshold = make_case(shape, dtype)
+    weight, threshold = weight.to(device), threshold.to(device)
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    gw, gt = torch.ops.dst_kernels.dst_weight_grad(grad, weight, threshold)
+    buffer = grad.clone()
+    dt = torch.ops.dst_kernels.dst_weight_grad_(buffer, weight, threshold)
+    assert torch.equal(buffer, gw), "dW is written over grad_masked"
+    assert torch.equal(dt, gt)
+
+
+def test_weight_grad_inplace_rejects_other_layouts():
+    weight, threshold = make_case((6, 5), torch.float32)
+    with pytest.raises(RuntimeError, match="memory layout of weight"):
+        torch.ops.dst_kernels.dst_weight_grad_(torch.randn(5, 6).t(), weight, threshold)
+    with pytest.raises(RuntimeError, match="memory layout of weight"):
+        torch.ops.dst_kernels.dst_weight_grad_(torch.randn(1, 5).expand(6, 5), weight, threshold)
+
+
+def test_opcheck_dst_weight_grad_inplace():
+    weight, threshold = make_case((7, 13), torch.float32)
+    grad = torch.randn(7, 13)
+    torch.library.opcheck(torch.ops.dst_kernels.dst_weight_grad_.default, (grad, weight, threshold))

@@ -19,10 +19,10 @@ constexpr int64_t kGrainElements = 16384;
 
 // One row; returns sum_j G*W*H(Q) (accumulated in opmath precision). Branch-free, so
 // the compiler vectorises it (OpenMP simd; the reduction order is fixed per build).
+// dw may be g itself (the in-place op): element j is read before it is written.
 template <typename scalar_t>
 inline __attribute__((always_inline)) at::opmath_type<scalar_t> weight_grad_row_impl(
-    const scalar_t* __restrict__ g, const scalar_t* __restrict__ w, scalar_t t,
-    scalar_t* __restrict__ dw, int64_t cols) {
+    const scalar_t* g, const scalar_t* __restrict__ w, scalar_t t, scalar_t* dw, int64_t cols) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t tf = static_cast<opmath_t>(t);
   opmath_t acc = 0;
@@ -53,15 +53,9 @@ DST_CPU_CLONES double weight_grad_row(const double* g, const double* w, double t
   return weight_grad_row_impl(g, w, t, dw, cols);
 }
 
-std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_masked,
-                                                       const at::Tensor& weight,
-                                                       const at::Tensor& threshold) {
-  check_weight_threshold("dst_weight_grad", weight, threshold);
-  check_grad("dst_weight_grad", grad_masked, weight);
-  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
-  const at::Tensor t = threshold.contiguous();
-  at::Tensor grad_w = at::empty_like(weight);
-  at::Tensor grad_t = at::empty_like(t);
+// dW into grad_w (which may be g itself) and dt into grad_t.
+void weight_grad_into(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
+                      at::Tensor& grad_w, at::Tensor& grad_t) {
   const int64_t rows = weight.size(0);
   const int64_t cols = weight.numel() / rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -80,10 +74,36 @@ std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_ma
           }
         });
       });
+}
+
+std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_masked,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& threshold) {
+  check_weight_threshold("dst_weight_grad", weight, threshold);
+  check_grad("dst_weight_grad", grad_masked, weight);
+  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_w = at::empty_like(weight);
+  at::Tensor grad_t = at::empty_like(t);
+  weight_grad_into(g, weight, t, grad_w, grad_t);
   return {grad_w, grad_t};
+}
+
+at::Tensor dst_weight_grad_inplace_cpu(at::Tensor& grad_masked, const at::Tensor& weight,
+                                       const at::Tensor& threshold) {
+  check_weight_threshold("dst_weight_grad_", weight, threshold);
+  check_grad("dst_weight_grad_", grad_masked, weight);
+  check_inplace_grad("dst_weight_grad_", grad_masked, weight);
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_t = at::empty_like(t);
+  weight_grad_into(grad_masked, weight, t, grad_masked, grad_t);
+  return grad_t;
 }
 
 }  // namespace
 }  // namespace dst
 
-TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) { m.impl("dst_weight_grad", &dst::dst_weight_grad_cpu); }
+TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {
+  m.impl("dst_weight_grad", &dst::dst_weight_grad_cpu);
+  m.impl("dst_weight_grad_", &dst::dst_weight_grad_inplace_cpu);
+}

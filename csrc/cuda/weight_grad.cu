@@ -21,9 +21,10 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t, int VEC>
-__global__ void weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
-                                   const scalar_t* __restrict__ t, scalar_t* __restrict__ dw,
+__global__ void weight_grad_kernel(const scalar_t* g, const scalar_t* __restrict__ w,
+                                   const scalar_t* __restrict__ t, scalar_t* dw,
                                    scalar_t* __restrict__ dt, int64_t cols) {
+  // dw may be g itself (the in-place op): each pack is read before it is written.
   using opmath_t = at::opmath_type<scalar_t>;
   using PackT = Pack<scalar_t, VEC>;
   const int64_t row = blockIdx.x;
@@ -57,16 +58,9 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cuda(const at::Tensor& grad_masked,
-                                                        const at::Tensor& weight,
-                                                        const at::Tensor& threshold) {
-  check_weight_threshold("dst_weight_grad", weight, threshold);
-  check_grad("dst_weight_grad", grad_masked, weight);
-  const at::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
-  const at::Tensor t = threshold.contiguous();
-  at::Tensor grad_w = at::empty_like(weight);
-  at::Tensor grad_t = at::empty_like(t);
+// dW into grad_w (which may be g itself) and dt into grad_t.
+void weight_grad_into(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
+                      at::Tensor& grad_w, at::Tensor& grad_t) {
   const int64_t rows = weight.size(0);
   const int64_t cols = weight.numel() / rows;
   TORCH_CHECK(rows <= INT32_MAX, "dst_weight_grad: at most 2^31 - 1 rows, got ", rows);
@@ -87,10 +81,38 @@ std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cuda(const at::Tensor& grad_m
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
+}
+
+std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cuda(const at::Tensor& grad_masked,
+                                                        const at::Tensor& weight,
+                                                        const at::Tensor& threshold) {
+  check_weight_threshold("dst_weight_grad", weight, threshold);
+  check_grad("dst_weight_grad", grad_masked, weight);
+  const at::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_w = at::empty_like(weight);
+  at::Tensor grad_t = at::empty_like(t);
+  weight_grad_into(g, weight, t, grad_w, grad_t);
   return {grad_w, grad_t};
+}
+
+at::Tensor dst_weight_grad_inplace_cuda(at::Tensor& grad_masked, const at::Tensor& weight,
+                                        const at::Tensor& threshold) {
+  check_weight_threshold("dst_weight_grad_", weight, threshold);
+  check_grad("dst_weight_grad_", grad_masked, weight);
+  check_inplace_grad("dst_weight_grad_", grad_masked, weight);
+  const at::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_t = at::empty_like(t);
+  weight_grad_into(grad_masked, weight, t, grad_masked, grad_t);
+  return grad_t;
 }
 
 }  // namespace
 }  // namespace dst
 
-TORCH_LIBRARY_IMPL(dst_kernels, CUDA, m) { m.impl("dst_weight_grad", &dst::dst_weight_grad_cuda); }
+TORCH_LIBRARY_IMPL(dst_kernels, CUDA, m) {
+  m.impl("dst_weight_grad", &dst::dst_weight_grad_cuda);
+  m.impl("dst_weight_grad_", &dst::dst_weight_grad_inplace_cuda);
+}

@@ -51,4 +51,12 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
               " but weight is on ", weight.device());
 }
 
+// The in-place weight-gradient op overwrites grad_masked element by element: it must
+// be laid out like weight and own its memory (no overlap, no broadcast).
+inline void check_inplace_grad(const char* op, const at::Tensor& grad, const at::Tensor& weight) {
+  TORCH_CHECK(grad.is_contiguous(row_major_format(weight)) && grad.strides() == weight.strides(),
+              op, ": grad_masked must have the memory layout of weight (strides ", weight.strides(),
+              "), got strides ", grad.strides(), "; use the out-of-place dst_weight_grad");
+}
+
 }  // namespace dst

@@ -1,0 +1,36 @@
+// dst_kernels::dst_linear for every device: the fused mask op, then ATen's linear
+// (MKL / cuBLAS). Registered as CompositeExplicitAutograd: autograd is the Python
+// formula in dst_kernels/_ops.py, which never materialises the mask.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace dst {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dst_linear(const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          const at::Tensor& threshold,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          std::optional<double> min_density) {
+  TORCH_CHECK(weight.dim() == 2, "dst_linear: weight must be 2-D [out, in], got ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "dst_linear: x must have ",
+              weight.size(1), " features in its last dimension, got ", x.sizes());
+  static auto mask_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("dst_kernels::dst_mask", "")
+                            .typed<std::tuple<at::Tensor, at::Tensor>(
+                                const at::Tensor&, const at::Tensor&, std::optional<double>)>();
+  auto [masked, t_eff] = mask_op.call(weight, threshold, min_density);
+  at::Tensor y = at::linear(x, masked, bias);
+  return {y, masked, t_eff};
+}
+
+}  // namespace
+}  // namespace dst
+
+TORCH_LIBRARY_IMPL(dst_kernels, CompositeExplicitAutograd, m) {
+  m.impl("dst_linear", &dst::dst_linear);
+}
