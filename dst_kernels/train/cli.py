@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-t) in the loss")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument(
-        "--milestones", default=None, help="comma-separated epochs where the lr drops x0.1 (default: recipe's)"
+        "--milestones", default=None, help="comma-separated epochs where the lr drops x0.1 (default: recipe)"
     )
     p.add_argument("--min-density", type=float, default=0.01, help="reset rule bound; <0 turns it off")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "triton"])
@@ -90,7 +90,8 @@ def _resolve(args) -> argparse.Namespace:
         try:
             args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
         except ValueError:
-            raise SystemExit(f"dst-train: --milestones must be comma-separated epochs, got {args.milestones!r}")
+            msg = f"dst-train: --milestones must be comma-separated epochs, got {args.milestones!r}"
+            raise SystemExit(msg) from None
     if args.model is None:
         args.model = recipe["model"]
         if args.model is None:
