@@ -169,3 +169,36 @@ def test_estimator_compiles():
     fn = torch.compile(lambda x: estimator_op(x) * 2, fullgraph=True, backend="aot_eager")
     x = torch.linspace(-2, 2, 101)
     assert torch.equal(fn(x), reference.estimator(x) * 2)
+
+
+def test_package_works_without_the_extension():
+    """With ``_C`` unloadable the package warns once and runs on the reference backend."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["dst_kernels._C"] = None  # makes `from dst_kernels import _C` fail
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import dst_kernels as dst
+        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert any("could not be loaded" in m and "pip install --no-build-isolation" in m for m in msgs), msgs
+        import torch
+        assert dst.available_backends() == ["reference"]
+        layer = dst.DSTLinear(5, 3)
+        layer(torch.randn(2, 5)).sum().backward()
+        assert layer.threshold.grad is not None
+        try:
+            dst.DSTLinear(5, 3, backend="native")(torch.randn(2, 5))
+        except RuntimeError as exc:
+            assert "not loaded" in str(exc) and "--no-build-isolation" in str(exc), exc
+        else:
+            raise AssertionError("native without _C must raise")
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
