@@ -138,7 +138,9 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
 
-def _check_weight_threshold(weight: torch.Tensor, threshold: torch.Tensor) -> None:
+def _check_weight_threshold(
+    weight: torch.Tensor, threshold: torch.Tensor, backend: str = "reference"
+) -> None:
     _check_float("weight", weight)
     _check_float("threshold", threshold)
     if weight.dim() < 2:
@@ -170,7 +172,8 @@ def _check_weight_threshold(weight: torch.Tensor, threshold: torch.Tensor) -> No
         )
     if not threshold.is_contiguous():
         raise ValueError("threshold must be contiguous; try threshold.contiguous()")
-    _check_finite_threshold(threshold)
+    if not (backend == "native" and weight.device.type == "cpu"):
+        _check_finite_threshold(threshold)  # the native CPU kernel checks the values itself
 
 
 def _check_finite_threshold(threshold: torch.Tensor) -> None:
@@ -265,10 +268,10 @@ def masked_weight(
     at most that fraction of ``weight`` is kept, ``threshold`` is set to 0 in
     place and the mask is recomputed, all on the device.
     """
-    _check_weight_threshold(weight, threshold)
+    name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
+    _check_weight_threshold(weight, threshold, name)
     min_density = _check_min_density(min_density)
-    impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.masked_weight(weight, threshold, min_density)
+    return _backend_impl(name).masked_weight(weight, threshold, min_density)
 
 
 def reset_thresholds_(
@@ -300,7 +303,8 @@ def dst_linear(
 
     ``min_density`` applies the reset rule first (see :func:`masked_weight`).
     """
-    _check_weight_threshold(weight, threshold)
+    name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
+    _check_weight_threshold(weight, threshold, name)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
     _check_bias(bias, weight)
@@ -310,8 +314,7 @@ def dst_linear(
             f"x must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(x.shape)}"
         )
     min_density = _check_min_density(min_density)
-    impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.linear(x, weight, threshold, bias, min_density)
+    return _backend_impl(name).linear(x, weight, threshold, bias, min_density)
 
 
 def dst_conv2d(
@@ -332,7 +335,8 @@ def dst_conv2d(
     ``padding`` may be an int, a pair, or "same" / "valid" as in ``F.conv2d``;
     ``min_density`` applies the reset rule first (see :func:`masked_weight`).
     """
-    _check_weight_threshold(weight, threshold)
+    name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
+    _check_weight_threshold(weight, threshold, name)
     if weight.dim() != 4:
         raise ValueError(
             f"weight must be 4-D [out_channels, in_channels/groups, kh, kw], got {tuple(weight.shape)}"
@@ -359,5 +363,6 @@ def dst_conv2d(
     else:
         padding = _pair(padding, "padding")
     min_density = _check_min_density(min_density)
-    impl = _backend_impl(resolve_backend(backend, weight.device))
-    return impl.conv2d(x, weight, threshold, bias, stride, padding, dilation, groups, min_density)
+    return _backend_impl(name).conv2d(
+        x, weight, threshold, bias, stride, padding, dilation, groups, min_density
+    )

@@ -136,3 +136,10 @@ def test_opcheck_dst_mask(dtype):
 def test_dst_mask_bad_input(args, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.dst_kernels.dst_mask(*args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_dst_mask_cpu_rejects_non_finite_thresholds(bad):
+    threshold = torch.tensor([0.0, bad, 0.1])
+    with pytest.raises(ValueError, match="threshold contains NaN or inf"):
+        torch.ops.dst_kernels.dst_mask(torch.ones(3, 4), threshold, None)

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -84,7 +85,14 @@ std::tuple<at::Tensor, at::Tensor> dst_mask_cpu(const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dst_mask_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t kept = mask_rows(wp, t.const_data_ptr<scalar_t>(), op, rows, cols);
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      // Reading thresholds costs nothing on the CPU, so they are checked on every call.
+      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(tp[r])),
+                        "threshold contains NaN or inf; thresholds must be finite (a NaN "
+                        "threshold would silently mask out its whole row)");
+    }
+    const int64_t kept = mask_rows(wp, tp, op, rows, cols);
     if (min_density.has_value() && reset_due(kept, w.numel(), *min_density)) {
       t_eff.zero_();
       mask_rows(wp, t_eff.const_data_ptr<scalar_t>(), op, rows, cols);
