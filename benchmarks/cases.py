@@ -37,16 +37,30 @@ CONV2D = {
         (128, 512, 7, 7, 512, 3),
     ],
 }
+# (batch, steps, input, hidden): the paper's MNIST LSTM-a / LSTM-b (2 layers)
+LSTM = {
+    "smoke": [(2, 3, 4, 5)],
+    "cpu": [(100, 28, 28, 128), (100, 28, 28, 256)],
+    "gpu": [(100, 28, 28, 128), (100, 28, 28, 256), (128, 64, 1024, 1024)],
+}
+# (rows, cols) of a weight: the op families on their own
+OP_SHAPES = {
+    "smoke": [(7, 13)],
+    "cpu": [(300, 784), (1024, 4096)],
+    "gpu": [(300, 784), (4096, 4096), (11008, 4096)],
+}
 DTYPES = {
     "smoke": [torch.float32],
     "cpu": [torch.float32],
     "gpu": [torch.bfloat16, torch.float16, torch.float32],
 }
 MODES = {"smoke": ["forward", "backward", "step"], "cpu": ["step", "forward"], "gpu": ["step", "forward"]}
+# The op families have one natural mode each.
+OP_MODE = {"mask": "forward", "weight_grad": "backward"}
 
 
 def cases_for(size: str, device: str, ops=None) -> list[Case]:
-    table = {"linear": LINEAR, "conv2d": CONV2D}
+    table = {"linear": LINEAR, "conv2d": CONV2D, "lstm": LSTM, "mask": OP_SHAPES, "weight_grad": OP_SHAPES}
     unknown = set(ops or ()) - set(table)
     if unknown:
         raise SystemExit(f"unknown op families {sorted(unknown)}; choose from {sorted(table)}")
@@ -54,10 +68,15 @@ def cases_for(size: str, device: str, ops=None) -> list[Case]:
     for op, shapes in table.items():
         if ops and op not in ops:
             continue
-        for mode in MODES[size]:
+        for mode in [OP_MODE[op]] if op in OP_MODE else MODES[size]:
             for dtype in DTYPES[size]:
                 for shape in shapes[size]:
-                    if mode == "forward" and size != "smoke" and shape != shapes[size][0]:
+                    if (
+                        op not in OP_MODE
+                        and mode == "forward"
+                        and size != "smoke"
+                        and shape != shapes[size][0]
+                    ):
                         continue  # forward-only on the first shape of each family
                     out.append(Case(op, shape, dtype, mode, device))
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.harness import OURS, available_impls, build_layer, make_input, make_step, measure
+from benchmarks.harness import OURS, available_impls, build_step, measure
 
 
 def run_case(benchmark, case, records: list[dict], size: str) -> None:
@@ -13,10 +13,8 @@ def run_case(benchmark, case, records: list[dict], size: str) -> None:
     records.extend(found)
     by_impl = {r["impl"]: r for r in found}
     ours = next((i for i in OURS if i in impls), "reference")
-    step = make_step(build_layer(ours, case), make_input(case), case)
-    benchmark.extra_info.update(
-        impl=ours,
-        **{f"{i}_median_ms": r["median_ms"] for i, r in by_impl.items()},
-        **{f"{ours}/dense": by_impl[ours]["median_ms"] / by_impl["dense"]["median_ms"]},
-    )
+    step = build_step(ours, case)
+    benchmark.extra_info.update(impl=ours, **{f"{i}_median_ms": r["median_ms"] for i, r in by_impl.items()})
+    if "dense" in by_impl:
+        benchmark.extra_info[f"{ours}/dense"] = by_impl[ours]["median_ms"] / by_impl["dense"]["median_ms"]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)

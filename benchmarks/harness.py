@@ -27,7 +27,9 @@ OURS = ("native", "triton")
 @dataclass
 class Case:
     op: str  # linear | conv2d | lstm | mask | weight_grad
-    shape: tuple  # linear: (tokens, in, out); conv2d: (N, C, H, W, out, k)
+    # linear: (tokens, in, out); conv2d: (N, C, H, W, out, k); lstm: (batch, steps, in, hidden);
+    # mask, weight_grad: (rows, cols)
+    shape: tuple
     dtype: torch.dtype
     mode: str  # forward | backward | step
     device: str
@@ -41,20 +43,34 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+LAYER_OPS = ("linear", "conv2d", "lstm")
+
+
 def available_impls(case: Case) -> list[str]:
-    names = ["dense", "paper", "ao-fakesparsity", "reference"]
-    if case.device == "cuda":
-        names.insert(2, "paper-sync")
+    if case.op == "lstm":
+        names = ["dense", "reference"]
+    elif case.op in ("mask", "weight_grad"):
+        names = ["paper", "reference"]
+    else:
+        names = ["dense", "paper", "ao-fakesparsity", "reference"]
+        if case.device == "cuda":
+            names.insert(2, "paper-sync")
     backends = dst.available_backends(case.device)
     names += [b for b in OURS if b in backends]
     return names
 
 
+def _keep_tenth(weight: torch.Tensor) -> torch.Tensor:
+    """Per-row thresholds that keep about 10 % of ``weight`` (a typical mid-training state)."""
+    w = weight.detach().reshape(weight.shape[0], -1).abs().float()
+    return torch.quantile(w, 0.9, dim=1).to(weight.dtype)
+
+
 def _init_thresholds(layer: nn.Module) -> None:
-    """Thresholds that keep about 10 % of the weights (a typical mid-training state)."""
     with torch.no_grad():
-        w = layer.weight.reshape(layer.weight.shape[0], -1).abs().float()
-        layer.threshold.copy_(torch.quantile(w, 0.9, dim=1).to(layer.threshold.dtype))
+        for name, param in layer.named_parameters():
+            if name.startswith("threshold"):
+                param.copy_(_keep_tenth(getattr(layer, name.replace("threshold", "weight", 1))))
 
 
 def build_layer(impl: str, case: Case) -> nn.Module:
@@ -77,12 +93,15 @@ def build_layer(impl: str, case: Case) -> nn.Module:
             "ao-fakesparsity": lambda: fake_sparsity(nn.Conv2d(c, n, ks, padding=ks // 2, **kw)),
         }
         dst_cls = lambda backend: dst.DSTConv2d(c, n, ks, padding=ks // 2, backend=backend, **kw)  # noqa: E731
+    elif case.op == "lstm":
+        _, _, n_in, hidden = case.shape
+        make = {"dense": lambda: nn.LSTM(n_in, hidden, 2, batch_first=True, **kw)}
+        dst_cls = lambda backend: dst.DSTLSTM(n_in, hidden, 2, batch_first=True, backend=backend, **kw)  # noqa: E731
     else:
         raise ValueError(f"unknown op {case.op!r}")
     torch.manual_seed(0)
     layer = make[impl]() if impl in make else dst_cls(impl)
-    if hasattr(layer, "threshold"):
-        _init_thresholds(layer)
+    _init_thresholds(layer)
     if case.dtype in (torch.float16, torch.bfloat16) and case.device == "cpu":
         layer.to(case.dtype)  # CPU low precision: the whole layer in that dtype
     if case.op == "conv2d" and case.device == "cuda":
@@ -94,6 +113,8 @@ def make_input(case: Case) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(1)
     if case.op == "linear":
         shape = (case.shape[0], case.shape[1])
+    elif case.op == "lstm":
+        shape = case.shape[:3]
     else:
         shape = case.shape[:4]
     x = torch.randn(shape, generator=g).to(case.device)
@@ -111,7 +132,8 @@ def make_step(layer: nn.Module, x: torch.Tensor, case: Case) -> Callable[[], Non
 
     def forward():
         with torch.autocast(case.device, dtype=case.dtype, enabled=autocast):
-            return layer(x)
+            y = layer(x)
+        return y[0] if isinstance(y, tuple) else y  # LSTM: (output, (h, c))
 
     if case.mode == "forward":
 
@@ -133,6 +155,62 @@ def make_step(layer: nn.Module, x: torch.Tensor, case: Case) -> Callable[[], Non
         torch.autograd.grad(forward(), params, grad)
 
     return run
+
+
+def _op_step(impl: str, case: Case) -> Callable[[], None]:
+    """The mask (forward) and weight_grad (backward) op families, outside any layer."""
+    rows, cols = case.shape
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(rows, cols, generator=g) * 0.05).to(case.device, case.dtype)
+    threshold = _keep_tenth(weight)
+    grad = torch.randn(rows, cols, generator=g).to(case.device, case.dtype)
+    if case.op == "mask":
+        if impl == "paper":
+            return lambda: weight * ((weight.abs() - threshold.view(-1, 1)) > 0).to(weight.dtype)
+        if impl == "reference":
+            return lambda: dst.reference.masked_weight(weight, threshold)
+        return lambda: dst.functional.masked_weight(weight, threshold, backend=impl)
+    # weight_grad: dW and dt given dL/dP
+    if impl == "paper":
+        from benchmarks.baselines import _BinaryStep
+
+        w = weight.clone().requires_grad_(True)
+        t = threshold.clone().requires_grad_(True)
+
+        def run():
+            p = w * _BinaryStep.apply(w.abs() - t.view(-1, 1))
+            torch.autograd.grad(p, (w, t), grad)
+
+        return run
+    if impl == "reference":
+        return lambda: dst.reference.weight_grad(grad, weight, threshold)
+    return lambda: torch.ops.dst_kernels.dst_weight_grad(grad, weight, threshold)
+
+
+def build_step(impl: str, case: Case) -> Callable[[], None]:
+    """The timed callable of ``impl`` for ``case``."""
+    if case.op in LAYER_OPS:
+        return make_step(build_layer(impl, case), make_input(case), case)
+    if case.op in ("mask", "weight_grad"):
+        return _op_step(impl, case)
+    raise ValueError(f"unknown op {case.op!r}")
+
+
+def count_host_syncs(step: Callable[[], None], device: str) -> int | None:
+    """Host synchronisations in one call of ``step`` (CUDA only; None elsewhere)."""
+    if device != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _timer(device: str):
@@ -173,19 +251,18 @@ def measure(
 ) -> list[dict]:
     """Interleaved medians for every implementation of ``case``: a record per implementation."""
     inner = inner or default_inner(case)
-    x = make_input(case)
-    steps, peaks = {}, {}
+    steps, peaks, syncs = {}, {}, {}
     for impl in impls:
-        layer = build_layer(impl, case)
         if case.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        step = make_step(layer, x, case)
+        step = build_step(impl, case)
         for _ in range(warmup):
             step()
         if case.device == "cuda":
             torch.cuda.synchronize()
             peaks[impl] = torch.cuda.max_memory_allocated()
+        syncs[impl] = count_host_syncs(step, case.device)
         steps[impl] = step
     timed = _timer(case.device)
     samples: dict[str, list[float]] = {impl: [] for impl in impls}
@@ -207,6 +284,7 @@ def measure(
                 "median_ms": statistics.median(s),
                 "iqr_ms": q[2] - q[0],
                 "peak_mem_bytes": peaks.get(impl),
+                "host_syncs": syncs.get(impl),
             }
         )
     return records

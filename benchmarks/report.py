@@ -48,7 +48,7 @@ def write_report(results: dict, path: str) -> None:
     for (op, mode, dtype), rows in by_table.items():
         present = [i for i in IMPLS if any(i in impls for _, impls in rows)]
         ours = [o for o in OURS if o in present]
-        ratio_cols = [f"{o}/dense" for o in ours] + [
+        ratio_cols = [f"{o}/dense" for o in ours if "dense" in present] + [
             f"{b}/{o}" for o in ours for b in ("paper", "reference") if b in present
         ]
         lines += ["", f"## {op} {mode} ({dtype})", ""]

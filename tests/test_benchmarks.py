@@ -38,14 +38,28 @@ def test_benchmark_suite_smoke(tmp_path):
     assert set(results) == {"device", "torch", "commit", "records"}
     records = results["records"]
     ops = {r["op"] for r in records}
-    assert ops == {"linear", "conv2d"}
-    impls = {r["impl"] for r in records}
+    assert ops == {"linear", "conv2d", "lstm", "mask", "weight_grad"}
+    impls = {r["impl"] for r in records if r["op"] == "linear"}
     assert {"dense", "paper", "ao-fakesparsity", "reference"} <= impls
+    assert {r["impl"] for r in records if r["op"] == "lstm"} >= {"dense", "reference"}
+    assert {r["mode"] for r in records if r["op"] == "weight_grad"} == {"backward"}
     for r in records:
-        assert set(r) == {"op", "impl", "shape", "dtype", "mode", "median_ms", "iqr_ms", "peak_mem_bytes"}
+        assert set(r) == {
+            "op",
+            "impl",
+            "shape",
+            "dtype",
+            "mode",
+            "median_ms",
+            "iqr_ms",
+            "peak_mem_bytes",
+            "host_syncs",
+        }
         assert r["median_ms"] > 0 and r["dtype"] == "float32"
+        assert r["host_syncs"] is None  # counted on CUDA only
     report = (out / "report.md").read_text()
     assert "linear step (float32)" in report and "conv2d forward (float32)" in report
+    assert "mask forward (float32)" in report and "lstm step (float32)" in report
     assert (out / "ratios.png").stat().st_size > 0
 
 
