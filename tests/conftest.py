@@ -18,9 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton backend runs in the Triton interpreter; it must be chosen before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.overrides import TorchFunctionMode
 
 SEED = 1234

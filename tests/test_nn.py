@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -83,7 +84,10 @@ def test_linear_matches_masked_f_linear(dtype, backend):
     x_ref = x.detach().clone().requires_grad_(True)
     bias_ref = layer.bias.detach().clone().requires_grad_(True)
     y_ref = F.linear(x_ref, dense_w, bias_ref)
-    assert torch.equal(y, y_ref)
+    if backend == "triton":  # its own GEMM: a different summation order than ATen's
+        assert_close_rel(y, y_ref, tol_for(dtype), "y")
+    else:
+        assert torch.equal(y, y_ref)
     gy = torch.randn_like(y)
     y.backward(gy)
     y_ref.backward(gy)
@@ -770,8 +774,21 @@ class _CompileNet(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
+# torch.compile traces into Triton kernels, which needs a GPU: the interpreter runs eagerly only.
+COMPILE_BACKENDS = [
+    pytest.param(
+        b,
+        marks=pytest.mark.skipif(
+            b == "triton" and os.environ.get("TRITON_INTERPRET") == "1",
+            reason="compiling Triton kernels needs a GPU (the Triton interpreter is eager-only)",
+        ),
+    )
+    for b in BACKENDS
+]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_torch_compile_fullgraph_train_matches_eager(backend):
     """Inductor for the backend "auto" picks here; aot_eager (same tracing, no codegen) for the
     others, to keep the suite fast."""

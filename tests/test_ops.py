@@ -187,7 +187,7 @@ def test_package_works_without_the_extension():
         msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         assert any("could not be loaded" in m and "pip install --no-build-isolation" in m for m in msgs), msgs
         import torch
-        assert dst.available_backends() == ["reference"]
+        assert "native" not in dst.available_backends() and "reference" in dst.available_backends()
         layer = dst.DSTLinear(5, 3)
         layer(torch.randn(2, 5)).sum().backward()
         assert layer.threshold.grad is not None
