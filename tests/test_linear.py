@@ -6,7 +6,11 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_rel, make_case, rederive, row_length
+from conftest import DEVICES, assert_close_rel, make_case, rederive, row_length, tol_for
+
+import dst_kernels as dst
+from dst_kernels import functional as DF
+from dst_kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
@@ -64,3 +68,97 @@ def test_opcheck_dst_linear(min_density):
     threshold.requires_grad_(True)
     torch.library.opcheck(torch.ops.dst_kernels.dst_linear.default, (x, weight, threshold, bias, min_density))
     torch.library.opcheck(torch.ops.dst_kernels.dst_linear.default, (x, weight, threshold, None, min_density))
+
+
+# ----------------------------------------------------------------------------- triton
+
+TRITON = pytest.mark.skipif(
+    "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
+    reason="triton is not installed",
+)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_shape, n", [((1, 1), 1), ((5, 13), 7), ((2, 3, 31), 17), ((37, 40), 19)])
+def test_triton_linear_matches_spec(x_shape, n, with_bias, dtype):
+    """Forward and all four gradients against SPEC's re-derivation (float64)."""
+
+    k = x_shape[-1]
+    weight, threshold = make_case((n, k), dtype)
+    x = torch.randn(x_shape, dtype=torch.float64).to(dtype)
+    bias = torch.randn(n, dtype=torch.float64).to(dtype) if with_bias else None
+    grad_y = torch.randn(*x_shape[:-1], n, dtype=torch.float64).to(dtype)
+    leaves = [t.to(TRITON_DEVICE).requires_grad_(True) for t in (x, weight, threshold)]
+    b = bias.to(TRITON_DEVICE).requires_grad_(True) if with_bias else None
+    y = DF.dst_linear(*leaves, b, backend="triton")
+    grads = torch.autograd.grad(y, leaves + ([b] if with_bias else []), grad_y.to(TRITON_DEVICE))
+    x64, g64 = x.double(), grad_y.double()
+    p, gw_ref, gt_ref = rederive(weight, threshold, g64.reshape(-1, n).t() @ x64.reshape(-1, k))
+    tol = tol_for(dtype)
+    assert_close_rel(y, torch.nn.functional.linear(x64, p, bias.double() if with_bias else None), tol, "y")
+    assert_close_rel(grads[0], g64 @ p, tol, "dx")
+    assert_close_rel(grads[1], gw_ref, tol, "dW")
+    assert_close_rel(grads[2], gt_ref, tol * max(1.0, row_length(weight) ** 0.5), "dt")
+    if with_bias:
+        assert_close_rel(grads[3], g64.reshape(-1, n).sum(0), tol, "db")
+
+
+@TRITON
+def test_triton_linear_reset_rule_in_the_same_forward():
+    weight = torch.randn(9, 11, device=TRITON_DEVICE)
+    threshold = torch.full((9,), 50.0, device=TRITON_DEVICE)
+    x = torch.randn(3, 11, device=TRITON_DEVICE)
+    y = DF.dst_linear(x, weight, threshold, None, backend="triton", min_density=0.01)
+    assert torch.equal(threshold, torch.zeros_like(threshold)), "whole vector reset"
+    assert_close_rel(y, x.double() @ weight.double().t(), 1e-5, "mask recomputed with t = 0")
+    # At the boundary (kept == min_density * numel) the rule fires, as in the reference.
+    weight = torch.ones(10, 10, device=TRITON_DEVICE)
+    threshold = torch.full((10,), 2.0, device=TRITON_DEVICE)
+    threshold[0] = 0.5
+    expected = threshold.clone()
+    ref.reset_thresholds_(weight, expected, 0.1)
+    DF.dst_linear(
+        torch.randn(1, 10, device=TRITON_DEVICE), weight, threshold, None, backend="triton", min_density=0.1
+    )
+    assert torch.equal(threshold, expected)
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (17, 70), (6, 2, 3, 3)])
+def test_triton_masked_weight_matches_reference(shape, dtype):
+    from dst_kernels.triton import masked_weight
+
+    weight, threshold = make_case(shape, dtype)
+    weight = weight.to(TRITON_DEVICE).requires_grad_(True)
+    threshold = threshold.to(TRITON_DEVICE).requires_grad_(True)
+    p = masked_weight(weight, threshold)
+    assert torch.equal(p.detach().cpu(), (weight * ref.mask(weight, threshold)).detach().cpu())
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype).to(TRITON_DEVICE)
+    gw, gt = torch.autograd.grad(p, (weight, threshold), grad)
+    _, ew, et = rederive(weight.detach().cpu(), threshold.detach().cpu(), grad.cpu())
+    assert_close_rel(gw, ew, tol_for(dtype), "dW")
+    assert_close_rel(gt, et, tol_for(dtype) * max(1.0, row_length(weight) ** 0.5), "dt")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter's bf16 dot is wrong)"
+)
+@pytest.mark.parametrize("shape", [(256, 1024, 1024), (17, 4096, 11008)])
+def test_triton_linear_bf16_autocast_cuda(shape):
+    m, k, n = shape
+    layer = dst.DSTLinear(k, n, backend="triton", device="cuda")
+    ref_layer = dst.DSTLinear(k, n, backend="reference", device="cuda")
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(m, k, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, yr = layer(x), ref_layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, yr, 1e-2, "y")
+    y.float().square().mean().backward()
+    yr.float().square().mean().backward()
+    assert_close_rel(layer.weight.grad, ref_layer.weight.grad, 1e-2, "dW")
