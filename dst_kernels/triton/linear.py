@@ -22,6 +22,31 @@ from dst_kernels.triton.mask import estimator_tl, reset_
 __all__ = ["linear"]
 
 
+def _shared_memory_limit() -> int:
+    if not torch.cuda.is_available():
+        return 1 << 30
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose pipelined tiles would not fit in shared memory."""
+    elem = max(
+        named_args[name].element_size()
+        for name in named_args
+        if name.endswith("_ptr") and hasattr(named_args[name], "element_size")
+    )
+    limit = _shared_memory_limit()
+    kept = []
+    for cfg in configs:
+        m, n, k = cfg.kwargs["BM"], cfg.kwargs["BN"], cfg.kwargs["BK"]
+        # Two operand tiles per stage; whichever pair the kernel streams, this bounds it.
+        tiles = max(m * k + n * k, m * n + n * k, m * n + m * k)
+        if tiles * elem * max(cfg.num_stages, 1) <= limit:
+            kept.append(cfg)
+    return kept or configs[-1:]
+
+
 def _configs():
     if interpreting():  # the interpreter cannot benchmark: one config
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
@@ -38,7 +63,7 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
     x_ptr,
@@ -92,7 +117,7 @@ def _fwd_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dx_kernel(
     dy_ptr,
@@ -143,7 +168,7 @@ def _dx_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dw_kernel(
     dy_ptr,
