@@ -50,11 +50,19 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The same, writing dW over grad_masked (same layout as weight); returns dt.
   m.def("dst_weight_grad_(Tensor(a!) grad_masked, Tensor weight, Tensor threshold) -> Tensor");
   // The linear layer's forward: (P, t_eff) = dst_mask(weight, threshold, min_density), then
-  // y = linear(x, P, bias). Returns (y, P, t_eff). Its backward (dst_kernels/_ops.py) takes
-  // dx from the saved P and dW, dt from one GEMM plus dst_weight_grad_ in the GEMM's buffer.
+  // y = linear(x, P, bias). Returns (y, P, t_eff). Its backward (dst_kernels/_ops.py) saves
+  // only x, W, t_eff: dx from a recomputed P, dW and dt from one GEMM plus dst_weight_grad_
+  // in the GEMM's buffer.
   m.def(
       "dst_linear(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, float? min_density) -> "
       "(Tensor, Tensor, Tensor)");
+  // The conv layer's forward: dst_mask, then ATen's convolution (cuDNN / oneDNN). Returns
+  // (y, P, t_eff); its backward recomputes P and runs convolution_backward, then
+  // dst_weight_grad_ over the weight gradient's buffer.
+  m.def(
+      "dst_conv2d(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, float? min_density) -> (Tensor, Tensor, "
+      "Tensor)");
 }
 
 // An importable module, so `import dst_kernels._C` loads the library and

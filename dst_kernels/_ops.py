@@ -104,6 +104,21 @@ def _register() -> None:
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         return y, torch.empty_like(weight), torch.empty_like(threshold)
 
+    @torch.library.register_fake("dst_kernels::dst_conv2d")
+    def _dst_conv2d_fake(x, weight, threshold, bias, stride, padding, dilation, groups, min_density):
+        torch._check(x.dim() == 4, lambda: "dst_conv2d: x must be 4-D")
+        size = [x.shape[0], weight.shape[0]]
+        for i in range(2):
+            span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+            size.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+        fmt = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        y = x.new_empty(size).contiguous(memory_format=fmt)
+        return y, torch.empty_like(weight), torch.empty_like(threshold)
+
     def _dst_mask_setup(ctx, inputs, output):
         weight, _, _ = inputs
         # Only W and the effective thresholds: the mask is recomputed in backward.
@@ -128,18 +143,19 @@ def _register() -> None:
     def _dst_linear_setup(ctx, inputs, output):
         x, weight, _, bias, _ = inputs
         _, masked, t_eff = output
-        # x and P for the two GEMMs, W and the effective thresholds for the estimator;
-        # P is what a plain linear layer on P would keep anyway, and no mask is kept.
-        ctx.save_for_backward(x, weight, masked, t_eff)
+        # x, W and the effective thresholds only: P and the mask are recomputed in backward,
+        # so a layer holds no weight-sized tensor between forward and backward.
+        ctx.save_for_backward(x, weight, t_eff)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(masked, t_eff)
 
     def _dst_linear_backward(ctx, grad_y, _grad_masked, _grad_threshold):
-        x, weight, masked, t_eff = ctx.saved_tensors
+        x, weight, t_eff = ctx.saved_tensors
         need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_t = grad_b = None
         grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
         if need_x:
+            masked, _ = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)
             grad_x = grad_y.matmul(masked)
         if need_w or need_t:
             # G = dY^T X lands in a fresh buffer; dW overwrites it in place.
@@ -153,6 +169,46 @@ def _register() -> None:
 
     torch.library.register_autograd(
         "dst_kernels::dst_linear", _dst_linear_backward, setup_context=_dst_linear_setup
+    )
+
+    def _dst_conv2d_setup(ctx, inputs, output):
+        x, weight, _, bias, stride, padding, dilation, groups, _ = inputs
+        _, masked, t_eff = output
+        ctx.save_for_backward(x, weight, t_eff)  # P and the mask are recomputed in backward
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.mark_non_differentiable(masked, t_eff)
+
+    def _dst_conv2d_backward(ctx, grad_y, _grad_masked, _grad_threshold):
+        x, weight, t_eff = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
+        masked, _ = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)
+        mask_out = [need_x, need_w or need_t, need_b and ctx.bias_sizes is not None]
+        grad_x, grad_p, grad_b = torch.ops.aten.convolution_backward(
+            grad_y, x, masked, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask_out
+        )
+        grad_w = grad_t = None
+        if mask_out[1]:
+            if grad_p.stride() == weight.stride():  # dW over the gradient's own buffer
+                grad_t = torch.ops.dst_kernels.dst_weight_grad_(grad_p, weight, t_eff)
+                grad_w = grad_p
+            else:
+                grad_w, grad_t = torch.ops.dst_kernels.dst_weight_grad(grad_p, weight, t_eff)
+        return (
+            grad_x if need_x else None,
+            grad_w if need_w else None,
+            grad_t if need_t else None,
+            grad_b if mask_out[2] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "dst_kernels::dst_conv2d", _dst_conv2d_backward, setup_context=_dst_conv2d_setup
     )
 
 

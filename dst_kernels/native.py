@@ -35,6 +35,37 @@ def linear(x, weight, threshold, bias=None, min_density=None):
     return y
 
 
+def _explicit_padding(padding, weight, dilation):
+    """``padding`` as a pair of ints, or None when "same" needs uneven padding."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        spans = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+        if any(s % 2 for s in spans):
+            return None
+        return (spans[0] // 2, spans[1] // 2)
+    return tuple(padding)
+
+
 def conv2d(x, weight, threshold, bias, stride, padding, dilation, groups, min_density=None):
-    masked = masked_weight(weight, threshold, min_density)
-    return F.conv2d(x, masked, bias, stride, padding, dilation, groups)
+    pad = _explicit_padding(padding, weight, dilation)
+    if pad is None or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
+        # Uneven "same" padding or mixed precision: the mask op, then ATen's conv2d.
+        masked = masked_weight(weight, threshold, min_density)
+        return F.conv2d(x, masked, bias, stride, padding, dilation, groups)
+    batched = x.dim() == 4
+    y, _, t_eff = torch.ops.dst_kernels.dst_conv2d(
+        x if batched else x.unsqueeze(0),
+        weight,
+        threshold,
+        bias,
+        list(stride),
+        list(pad),
+        list(dilation),
+        groups,
+        min_density,
+    )
+    if min_density is not None:
+        with torch.no_grad():
+            threshold.copy_(t_eff)
+    return y if batched else y.squeeze(0)
