@@ -227,9 +227,6 @@ def check_min_density(min_density):
     return float(min_density)
 
 
-_check_min_density = check_min_density
-
-
 def _pair(v, name: str) -> tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
@@ -272,7 +269,7 @@ def masked_weight(
     """
     name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
     _check_weight_threshold(weight, threshold, name)
-    min_density = _check_min_density(min_density)
+    min_density = check_min_density(min_density)
     return _backend_impl(name).masked_weight(weight, threshold, min_density)
 
 
@@ -288,7 +285,7 @@ def reset_thresholds_(
     if min_density is None:
         return None
     _check_weight_threshold(weight, threshold)
-    min_density = _check_min_density(min_density)
+    min_density = check_min_density(min_density)
     return _reference.reset_thresholds_(weight.detach(), threshold.detach(), min_density)
 
 
@@ -315,7 +312,7 @@ def dst_linear(
         raise ValueError(
             f"x must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(x.shape)}"
         )
-    min_density = _check_min_density(min_density)
+    min_density = check_min_density(min_density)
     return _backend_impl(name).linear(x, weight, threshold, bias, min_density)
 
 
@@ -364,7 +361,7 @@ def dst_conv2d(
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
     else:
         padding = _pair(padding, "padding")
-    min_density = _check_min_density(min_density)
+    min_density = check_min_density(min_density)
     return _backend_impl(name).conv2d(
         x, weight, threshold, bias, stride, padding, dilation, groups, min_density
     )

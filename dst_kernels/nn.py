@@ -19,9 +19,6 @@ from dst_kernels import functional as DF
 __all__ = ["DSTLinear", "DSTConv2d", "DSTLSTM", "DSTLayer", "sparsify", "is_dst_layer"]
 
 
-_check_min_density = DF.check_min_density
-
-
 class DSTLayer:
     """What every DST layer has: thresholds, the reset rule, mask/density, dense conversion.
 
@@ -31,15 +28,11 @@ class DSTLayer:
     _dst_pairs: tuple[tuple[str, str], ...] = (("weight", "threshold"),)
 
     def _init_dst(self, min_density, backend):
-        self.min_density = _check_min_density(min_density)
+        self.min_density = DF.check_min_density(min_density)
         self.backend = DF.check_backend_name(backend)
 
     def _new_threshold(self, weight: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
-
-    def dst_parameters(self):
-        """``(weight, threshold)`` parameter pairs of this layer."""
-        return [(getattr(self, w), getattr(self, t)) for w, t in self._dst_pairs]
 
     def thresholds(self) -> list[nn.Parameter]:
         return [getattr(self, t) for _, t in self._dst_pairs]
@@ -392,7 +385,7 @@ def sparsify(
     leave dense. Returns ``model`` (or the new layer if ``model`` itself is
     converted).
     """
-    _check_min_density(min_density)
+    DF.check_min_density(min_density)
     DF.check_backend_name(backend)
     include = tuple(include) if isinstance(include, (tuple, list)) else (include,)
     exclude = tuple(exclude) if isinstance(exclude, (tuple, list)) else (exclude,)

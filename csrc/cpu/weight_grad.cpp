@@ -79,25 +79,12 @@ void weight_grad_into(const at::Tensor& g, const at::Tensor& weight, const at::T
 std::tuple<at::Tensor, at::Tensor> dst_weight_grad_cpu(const at::Tensor& grad_masked,
                                                        const at::Tensor& weight,
                                                        const at::Tensor& threshold) {
-  check_weight_threshold("dst_weight_grad", weight, threshold);
-  check_grad("dst_weight_grad", grad_masked, weight);
-  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
-  const at::Tensor t = threshold.contiguous();
-  at::Tensor grad_w = at::empty_like(weight);
-  at::Tensor grad_t = at::empty_like(t);
-  weight_grad_into(g, weight, t, grad_w, grad_t);
-  return {grad_w, grad_t};
+  return weight_grad_out_of_place(grad_masked, weight, threshold, weight_grad_into);
 }
 
 at::Tensor dst_weight_grad_inplace_cpu(at::Tensor& grad_masked, const at::Tensor& weight,
                                        const at::Tensor& threshold) {
-  check_weight_threshold("dst_weight_grad_", weight, threshold);
-  check_grad("dst_weight_grad_", grad_masked, weight);
-  check_inplace_grad("dst_weight_grad_", grad_masked, weight);
-  const at::Tensor t = threshold.contiguous();
-  at::Tensor grad_t = at::empty_like(t);
-  weight_grad_into(grad_masked, weight, t, grad_masked, grad_t);
-  return grad_t;
+  return weight_grad_in_place(grad_masked, weight, threshold, weight_grad_into);
 }
 
 }  // namespace

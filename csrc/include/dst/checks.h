@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 // CPU row kernels are compiled for AVX-512, AVX2 and the baseline instruction set and
 // picked at load time (GCC function multi-versioning). No FMA: results stay
 // bit-identical to the unfused reference.
@@ -57,6 +59,36 @@ inline void check_inplace_grad(const char* op, const at::Tensor& grad, const at:
   TORCH_CHECK(grad.is_contiguous(row_major_format(weight)) && grad.strides() == weight.strides(),
               op, ": grad_masked must have the memory layout of weight (strides ", weight.strides(),
               "), got strides ", grad.strides(), "; use the out-of-place dst_weight_grad");
+}
+
+// The two weight-gradient entry points around a device's
+// into(g, weight, t, grad_w, grad_t) kernel launcher (CPU and CUDA share them;
+// CUDA sets its device guard before calling).
+template <typename Into>
+std::tuple<at::Tensor, at::Tensor> weight_grad_out_of_place(const at::Tensor& grad_masked,
+                                                            const at::Tensor& weight,
+                                                            const at::Tensor& threshold,
+                                                            Into into) {
+  check_weight_threshold("dst_weight_grad", weight, threshold);
+  check_grad("dst_weight_grad", grad_masked, weight);
+  const at::Tensor g = grad_masked.contiguous(row_major_format(weight));
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_w = at::empty_like(weight);
+  at::Tensor grad_t = at::empty_like(t);
+  into(g, weight, t, grad_w, grad_t);
+  return {grad_w, grad_t};
+}
+
+template <typename Into>
+at::Tensor weight_grad_in_place(at::Tensor& grad_masked, const at::Tensor& weight,
+                                const at::Tensor& threshold, Into into) {
+  check_weight_threshold("dst_weight_grad_", weight, threshold);
+  check_grad("dst_weight_grad_", grad_masked, weight);
+  check_inplace_grad("dst_weight_grad_", grad_masked, weight);
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor grad_t = at::empty_like(t);
+  into(grad_masked, weight, t, grad_masked, grad_t);
+  return grad_t;
 }
 
 }  // namespace dst

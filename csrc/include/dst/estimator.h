@@ -27,16 +27,10 @@ DST_HOST_DEVICE T estimator(T x) {
 }
 
 // The mask value M = S(|w| - t) as 1 or 0 in T: strict, so ties |w| == t are masked
-// out. (A T, not a bool, so that CPU loops over it vectorise.)
+// out. Returned as a T (1 or 0) so it multiplies straight into P.
 template <typename T>
 DST_HOST_DEVICE T keep(T w, T t) {
   return static_cast<T>(abs_value(w) > t);
-}
-
-// sign(w) with sign(0) = 0.
-template <typename T>
-DST_HOST_DEVICE T sign(T w) {
-  return T(w > T(0)) - T(w < T(0));
 }
 
 // The reset rule's test (SPEC section 1): a layer keeping kept of numel weights
