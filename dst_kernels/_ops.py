@@ -124,6 +124,7 @@ def _register() -> None:
         # Only W and the effective thresholds: the mask is recomputed in backward.
         ctx.save_for_backward(weight, output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for t_eff
 
     def _dst_mask_backward(ctx, grad_masked, _grad_threshold):
         weight, t_eff = ctx.saved_tensors
@@ -148,11 +149,14 @@ def _register() -> None:
         ctx.save_for_backward(x, weight, t_eff)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(masked, t_eff)
+        ctx.set_materialize_grads(False)  # no weight-sized zero gradient for P
 
     def _dst_linear_backward(ctx, grad_y, _grad_masked, _grad_threshold):
         x, weight, t_eff = ctx.saved_tensors
         need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_t = grad_b = None
+        if grad_y is None:  # only y is differentiable
+            return grad_x, grad_w, grad_t, grad_b, None
         grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
         if need_x:
             masked, _ = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)
@@ -178,12 +182,16 @@ def _register() -> None:
         ctx.conv = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.mark_non_differentiable(masked, t_eff)
+        ctx.set_materialize_grads(False)  # no weight-sized zero gradient for P
 
     def _dst_conv2d_backward(ctx, grad_y, _grad_masked, _grad_threshold):
         x, weight, t_eff = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
-        masked, _ = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)
+        if grad_y is None:  # only y is differentiable
+            return (None,) * 9
+        # P only matters for dX; the weight and bias gradients read W's shape and layout alone.
+        masked = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)[0] if need_x else weight
         mask_out = [need_x, need_w or need_t, need_b and ctx.bias_sizes is not None]
         grad_x, grad_p, grad_b = torch.ops.aten.convolution_backward(
             grad_y, x, masked, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask_out

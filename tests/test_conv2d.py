@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICES, assert_close_rel, make_case, rederive, row_length
 
+import dst_kernels  # noqa: F401  (loads the extension's ops)
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
 )
@@ -70,3 +72,51 @@ def test_opcheck_dst_conv2d(min_density):
     args = ([1, 2], [1, 0], [1, 1], 2, min_density)
     torch.library.opcheck(torch.ops.dst_kernels.dst_conv2d.default, (x, weight, threshold, bias, *args))
     torch.library.opcheck(torch.ops.dst_kernels.dst_conv2d.default, (x, weight, threshold, None, *args))
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        self.calls.append((str(func.overloadpacket), shapes))
+        return out
+
+
+def _run_layer_op(op, x_grad):
+    torch.manual_seed(0)
+    weight, threshold = make_case((6, 4, 3, 3), torch.float64)
+    weight.requires_grad_(True)
+    threshold.requires_grad_(True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    if op == "conv2d":
+        x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=x_grad)
+        y = torch.ops.dst_kernels.dst_conv2d(x, weight, threshold, bias, [1, 1], [1, 1], [1, 1], 1, None)[0]
+    else:
+        weight, threshold = make_case((6, 5), torch.float64)
+        weight.requires_grad_(True)
+        threshold.requires_grad_(True)
+        x = torch.randn(3, 5, dtype=torch.float64, requires_grad=x_grad)
+        y = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[0]
+    log = _OpLog()
+    with log:
+        y.backward(torch.ones_like(y))
+    return log.calls, [t.grad for t in (weight, threshold, bias)]
+
+
+@pytest.mark.parametrize("op", ["conv2d", "linear"])
+def test_backward_recomputes_the_mask_only_for_dx(op):
+    """The backward materialises no weight-sized zero gradient for the P output, and recomputes P
+    only when the input needs a gradient; the parameter gradients do not depend on it."""
+    grads = {}
+    for x_grad in (True, False):
+        calls, grads[x_grad] = _run_layer_op(op, x_grad)
+        masks = [c for c in calls if c[0] == "dst_kernels.dst_mask"]
+        assert len(masks) == (1 if x_grad else 0), calls
+        zero_fills = {"aten.zeros", "aten.zero_", "aten.fill_", "aten.zeros_like", "aten.new_zeros"}
+        assert not [c for c in calls if c[0] in zero_fills], calls
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)

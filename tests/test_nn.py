@@ -472,6 +472,31 @@ def test_lstm_without_initial_state_and_eval():
     assert_close_rel(cn, cn_ref, 1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_dropout_between_layers_matches_nn_lstm(backend):
+    lstm = dst.DSTLSTM(5, 4, num_layers=3, dropout=0.4, dtype=torch.float64, backend=backend)
+    _set_random_thresholds(lstm)
+    ref = lstm.to_dense()
+    assert ref.dropout == 0.4 and ref.training
+    x = torch.randn(7, 2, 5, dtype=torch.float64)
+    outs = []
+    for m in (lstm, ref):
+        torch.manual_seed(3)  # the same dropout draws: computing the masks consumes no random numbers
+        out, _ = m(x)
+        out.square().sum().backward()
+        outs.append(out)
+    assert_close_rel(outs[0], outs[1], 1e-12, "out")
+    torch.manual_seed(4)
+    assert not torch.equal(lstm(x)[0], outs[0]), "dropout is active in training"
+    for name, p in ref.named_parameters():
+        if name.startswith("weight"):
+            w, t = getattr(lstm, name), getattr(lstm, name.replace("weight", "threshold"))
+            gw, _ = reference.weight_grad(p.grad, w.detach(), t.detach())
+            assert_close_rel(w.grad, gw, 1e-12, f"d{name}")
+        else:
+            assert_close_rel(getattr(lstm, name).grad, p.grad, 1e-12, f"d{name}")
+
+
 # ----------------------------------------------------------------------------- sparsify & co.
 
 
@@ -816,3 +841,56 @@ def test_torch_compile_fullgraph_train_matches_eager(backend):
         tol = 1e-5 * row_len.get(name, 1)
         assert_close_rel(q.grad, p.grad, tol, f"d{name}")
     assert torch.equal(compiled_model.conv.threshold.detach(), torch.zeros(4))
+
+
+class _CompileLSTMNet(nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.lstm = dst.DSTLSTM(5, 6, num_layers=2, batch_first=True, backend=backend)
+        self.head = dst.DSTLinear(6, 3, backend=backend)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_torch_compile_lstm_train_matches_eager(backend):
+    """Training through torch.compile with default settings. Dynamo does not trace ``nn.LSTM``'s
+    fused kernel unless ``allow_rnn`` is set, and a training graph of ``nn.LSTM`` itself fails in
+    AOTAutograd then, so the model compiles into graphs around the LSTM call: the masks (with the
+    reset rule) in one, the head in another."""
+    torch._dynamo.reset()
+    eager = _CompileLSTMNet(backend)
+    with torch.no_grad():
+        for t in [*eager.lstm.thresholds(), *eager.head.thresholds()]:
+            t.uniform_(0.0, 0.2)
+        eager.lstm.threshold_hh_l1.fill_(10.0)  # triggers the reset rule inside the compiled graph
+    compiled_model = copy.deepcopy(eager)
+    explained = torch._dynamo.explain(copy.deepcopy(eager))(torch.randn(2, 4, 5))
+    assert explained.graph_count >= 2 and explained.graph_break_count <= 2
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="inductor")
+    x = torch.randn(3, 4, 5)
+    y_eager, y_compiled = eager(x), compiled(x)
+    assert_close_rel(y_compiled, y_eager, 1e-5, "y")
+    y_eager.square().sum().backward()
+    y_compiled.square().sum().backward()
+    named = dict(compiled_model.named_parameters())
+    for name, p in eager.named_parameters():
+        assert_close_rel(named[name].detach(), p.detach(), 0.0, name)  # incl. the reset thresholds
+        assert_close_rel(named[name].grad, p.grad, 1e-5 * (6 if "threshold" in name else 1), f"d{name}")
+    assert torch.equal(compiled_model.lstm.threshold_hh_l1.detach(), torch.zeros(24))
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_torch_compile_lstm_inference_fullgraph(backend):
+    """With ``allow_rnn`` dynamo traces the fused LSTM too: inference compiles into one graph."""
+    torch._dynamo.reset()
+    model = _CompileLSTMNet(backend).eval()
+    _set_random_thresholds(model.lstm)
+    _set_random_thresholds(model.head)
+    x = torch.randn(3, 4, 5)
+    with torch._dynamo.config.patch(allow_rnn=True), torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")  # raises on graph breaks
+        assert_close_rel(compiled(x), model(x), 1e-5, "y")
