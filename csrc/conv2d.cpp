@@ -1,6 +1,6 @@
 // dst_kernels::dst_conv2d for every device: the fused mask op, then ATen's convolution
-// (cuDNN / oneDNN / the CPU kernels). CompositeExplicitAutograd: autograd is the formula
-// in dst_kernels/_ops.py, which keeps neither the mask nor P.
+// (cuDNN / oneDNN / the CPU kernels). CompositeExplicitAutograd; its autograd is in
+// csrc/autograd.cpp and keeps neither the mask nor P.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

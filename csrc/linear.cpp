@@ -1,6 +1,6 @@
 // dst_kernels::dst_linear for every device: the fused mask op, then ATen's linear
-// (MKL / cuBLAS). Registered as CompositeExplicitAutograd: autograd is the Python
-// formula in dst_kernels/_ops.py, which never materialises the mask.
+// (MKL / cuBLAS). Registered as CompositeExplicitAutograd; its autograd is in
+// csrc/autograd.cpp and never materialises the mask.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

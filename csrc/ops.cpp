@@ -50,7 +50,7 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The same, writing dW over grad_masked (same layout as weight); returns dt.
   m.def("dst_weight_grad_(Tensor(a!) grad_masked, Tensor weight, Tensor threshold) -> Tensor");
   // The linear layer's forward: (P, t_eff) = dst_mask(weight, threshold, min_density), then
-  // y = linear(x, P, bias). Returns (y, P, t_eff). Its backward (dst_kernels/_ops.py) saves
+  // y = linear(x, P, bias). Returns (y, P, t_eff). Its backward (csrc/autograd.cpp) saves
   // only x, W, t_eff: dx from a recomputed P, dW and dt from one GEMM plus dst_weight_grad_
   // in the GEMM's buffer.
   m.def(

@@ -1,4 +1,4 @@
-"""The compiled extension: loading, build metadata, fake kernels, autograd.
+"""The compiled extension: loading, build metadata, fake kernels.
 
 ``dst_kernels._C`` registers its ops under ``torch.ops.dst_kernels``. When it
 is missing (a pure-Python install, or a build that failed) the package still
@@ -119,105 +119,7 @@ def _register() -> None:
         y = x.new_empty(size).contiguous(memory_format=fmt)
         return y, torch.empty_like(weight), torch.empty_like(threshold)
 
-    def _dst_mask_setup(ctx, inputs, output):
-        weight, _, _ = inputs
-        # Only W and the effective thresholds: the mask is recomputed in backward.
-        ctx.save_for_backward(weight, output[1])
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for t_eff
-
-    def _dst_mask_backward(ctx, grad_masked, _grad_threshold):
-        weight, t_eff = ctx.saved_tensors
-        if grad_masked is None or not any(ctx.needs_input_grad[:2]):
-            return None, None, None
-        grad_w, grad_t = torch.ops.dst_kernels.dst_weight_grad(grad_masked, weight, t_eff)
-        return (
-            grad_w if ctx.needs_input_grad[0] else None,
-            grad_t if ctx.needs_input_grad[1] else None,
-            None,
-        )
-
-    torch.library.register_autograd(
-        "dst_kernels::dst_mask", _dst_mask_backward, setup_context=_dst_mask_setup
-    )
-
-    def _dst_linear_setup(ctx, inputs, output):
-        x, weight, _, bias, _ = inputs
-        _, masked, t_eff = output
-        # x, W and the effective thresholds only: P and the mask are recomputed in backward,
-        # so a layer holds no weight-sized tensor between forward and backward.
-        ctx.save_for_backward(x, weight, t_eff)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(masked, t_eff)
-        ctx.set_materialize_grads(False)  # no weight-sized zero gradient for P
-
-    def _dst_linear_backward(ctx, grad_y, _grad_masked, _grad_threshold):
-        x, weight, t_eff = ctx.saved_tensors
-        need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
-        grad_x = grad_w = grad_t = grad_b = None
-        if grad_y is None:  # only y is differentiable
-            return grad_x, grad_w, grad_t, grad_b, None
-        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
-        if need_x:
-            masked, _ = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)
-            grad_x = grad_y.matmul(masked)
-        if need_w or need_t:
-            # G = dY^T X lands in a fresh buffer; dW overwrites it in place.
-            grad = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
-            grad_t = torch.ops.dst_kernels.dst_weight_grad_(grad, weight, t_eff)
-            grad_w = grad if need_w else None
-            grad_t = grad_t if need_t else None
-        if need_b and ctx.has_bias:
-            grad_b = grad_2d.sum(0)
-        return grad_x, grad_w, grad_t, grad_b, None
-
-    torch.library.register_autograd(
-        "dst_kernels::dst_linear", _dst_linear_backward, setup_context=_dst_linear_setup
-    )
-
-    def _dst_conv2d_setup(ctx, inputs, output):
-        x, weight, _, bias, stride, padding, dilation, groups, _ = inputs
-        _, masked, t_eff = output
-        ctx.save_for_backward(x, weight, t_eff)  # P and the mask are recomputed in backward
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.mark_non_differentiable(masked, t_eff)
-        ctx.set_materialize_grads(False)  # no weight-sized zero gradient for P
-
-    def _dst_conv2d_backward(ctx, grad_y, _grad_masked, _grad_threshold):
-        x, weight, t_eff = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        need_x, need_w, need_t, need_b = ctx.needs_input_grad[:4]
-        if grad_y is None:  # only y is differentiable
-            return (None,) * 9
-        # P only matters for dX; the weight and bias gradients read W's shape and layout alone.
-        masked = torch.ops.dst_kernels.dst_mask(weight, t_eff, None)[0] if need_x else weight
-        mask_out = [need_x, need_w or need_t, need_b and ctx.bias_sizes is not None]
-        grad_x, grad_p, grad_b = torch.ops.aten.convolution_backward(
-            grad_y, x, masked, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask_out
-        )
-        grad_w = grad_t = None
-        if mask_out[1]:
-            if grad_p.stride() == weight.stride():  # dW over the gradient's own buffer
-                grad_t = torch.ops.dst_kernels.dst_weight_grad_(grad_p, weight, t_eff)
-                grad_w = grad_p
-            else:
-                grad_w, grad_t = torch.ops.dst_kernels.dst_weight_grad(grad_p, weight, t_eff)
-        return (
-            grad_x if need_x else None,
-            grad_w if need_w else None,
-            grad_t if need_t else None,
-            grad_b if mask_out[2] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(
-        "dst_kernels::dst_conv2d", _dst_conv2d_backward, setup_context=_dst_conv2d_setup
-    )
+    # Autograd of dst_mask, dst_linear and dst_conv2d is registered in C++ (csrc/autograd.cpp).
 
 
 if _loaded:

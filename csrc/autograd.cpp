@@ -1,0 +1,232 @@
+// Autograd of dst_kernels::dst_mask, dst_linear and dst_conv2d, for every device, in C++:
+// one dispatcher call per layer and no Python in the training step. Each backward saves
+// only x, W and the effective thresholds: P is recomputed (and only when dX is needed),
+// and dW is written over the weight gradient's own buffer by dst_weight_grad_.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace dst {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const auto& mask_op() {
+  static const auto op =
+      find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, std::optional<double>)>(
+          "dst_kernels::dst_mask");
+  return op;
+}
+
+const auto& weight_grad_op() {
+  static const auto op =
+      find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(
+          "dst_kernels::dst_weight_grad");
+  return op;
+}
+
+const auto& weight_grad_inplace_op() {
+  static const auto op =
+      find_op<Tensor(Tensor&, const Tensor&, const Tensor&)>("dst_kernels::dst_weight_grad_");
+  return op;
+}
+
+const auto& linear_op() {
+  static const auto op = find_op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+      std::optional<double>)>("dst_kernels::dst_linear");
+  return op;
+}
+
+const auto& conv2d_op() {
+  static const auto op = find_op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, at::IntArrayRef,
+      at::IntArrayRef, at::IntArrayRef, int64_t, std::optional<double>)>("dst_kernels::dst_conv2d");
+  return op;
+}
+
+Tensor recomputed_p(const Tensor& weight, const Tensor& t_eff) {
+  return std::get<0>(mask_op().call(weight, t_eff, std::nullopt));
+}
+
+// (dW, dt) from G = dL/dP: dW over G's buffer when G has W's layout, else a new tensor.
+std::pair<Tensor, Tensor> weight_grads(Tensor grad_p, const Tensor& weight, const Tensor& t_eff) {
+  if (grad_p.sizes() == weight.sizes() && grad_p.strides() == weight.strides()) {
+    Tensor grad_t = weight_grad_inplace_op().call(grad_p, weight, t_eff);
+    return {grad_p, grad_t};
+  }
+  auto [grad_w, grad_t] = weight_grad_op().call(grad_p, weight, t_eff);
+  return {grad_w, grad_t};
+}
+
+Tensor if_needed(bool needed, Tensor t) { return needed ? std::move(t) : Tensor(); }
+
+// Outputs after the first (P and t_eff) carry no gradient; none is materialised for them.
+void finish_forward(AutogradContext* ctx, const Tensor& masked, const Tensor& t_eff,
+                    bool masked_differentiable) {
+  if (masked_differentiable) {
+    ctx->mark_non_differentiable({t_eff});
+  } else {
+    ctx->mark_non_differentiable({masked, t_eff});
+  }
+  ctx->set_materialize_grads(false);
+}
+
+struct MaskFunction : public torch::autograd::Function<MaskFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& threshold,
+                               std::optional<double> min_density) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [masked, t_eff] = mask_op().call(weight, threshold, min_density);
+    ctx->save_for_backward({weight, t_eff});
+    finish_forward(ctx, masked, t_eff, /*masked_differentiable=*/true);
+    return {masked, t_eff};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& grad_p = grads[0];
+    if (!grad_p.defined()) {
+      return {Tensor(), Tensor(), Tensor()};
+    }
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_w, grad_t] = weight_grad_op().call(grad_p, saved[0], saved[1]);
+    return {if_needed(ctx->needs_input_grad(0), grad_w),
+            if_needed(ctx->needs_input_grad(1), grad_t), Tensor()};
+  }
+};
+
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const Tensor& threshold, const std::optional<Tensor>& bias,
+                               std::optional<double> min_density) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, masked, t_eff] = linear_op().call(x, weight, threshold, bias, min_density);
+    ctx->save_for_backward({x, weight, t_eff});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    finish_forward(ctx, masked, t_eff, /*masked_differentiable=*/false);
+    return {y, masked, t_eff};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);
+    const Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) {
+      return out;
+    }
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(1), need_t = ctx->needs_input_grad(2);
+    const Tensor grad_2d = grad_y.reshape({-1, grad_y.size(-1)});
+    if (need_x) {
+      out[0] = grad_y.matmul(recomputed_p(weight, t_eff));
+    }
+    if (need_w || need_t) {
+      auto [grad_w, grad_t] =
+          weight_grads(grad_2d.t().mm(x.reshape({-1, x.size(-1)})), weight, t_eff);
+      out[1] = if_needed(need_w, grad_w);
+      out[2] = if_needed(need_t, grad_t);
+    }
+    if (has_bias && ctx->needs_input_grad(3)) {
+      out[3] = grad_2d.sum(0);
+    }
+    return out;
+  }
+};
+
+struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const Tensor& threshold, const std::optional<Tensor>& bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups,
+                               std::optional<double> min_density) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, masked, t_eff] = conv2d_op().call(x, weight, threshold, bias, stride, padding,
+                                               dilation, groups, min_density);
+    ctx->save_for_backward({x, weight, t_eff});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    finish_forward(ctx, masked, t_eff, /*masked_differentiable=*/false);
+    return {y, masked, t_eff};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);
+    const Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) {
+      return out;
+    }
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> output_mask = {ctx->needs_input_grad(0),
+                                             ctx->needs_input_grad(1) || ctx->needs_input_grad(2),
+                                             has_bias && ctx->needs_input_grad(3)};
+    // P only matters for dX; the weight and bias gradients read W's shape and layout alone.
+    const Tensor p = output_mask[0] ? recomputed_p(weight, t_eff) : weight;
+    const std::vector<int64_t> bias_sizes = {weight.size(0)};
+    const std::vector<int64_t> output_padding = {0, 0};
+    auto [grad_x, grad_p, grad_b] = at::convolution_backward(
+        grad_y, x, p, has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+        ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false, output_padding,
+        ctx->saved_data["groups"].toInt(), output_mask);
+    out[0] = if_needed(output_mask[0], grad_x);
+    if (output_mask[1]) {
+      auto [grad_w, grad_t] = weight_grads(grad_p, weight, t_eff);
+      out[1] = if_needed(ctx->needs_input_grad(1), grad_w);
+      out[2] = if_needed(ctx->needs_input_grad(2), grad_t);
+    }
+    out[3] = if_needed(output_mask[2], grad_b);
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> dst_mask_autograd(const Tensor& weight, const Tensor& threshold,
+                                             std::optional<double> min_density) {
+  auto out = MaskFunction::apply(weight, threshold, min_density);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dst_linear_autograd(const Tensor& x, const Tensor& weight,
+                                                       const Tensor& threshold,
+                                                       const std::optional<Tensor>& bias,
+                                                       std::optional<double> min_density) {
+  auto out = LinearFunction::apply(x, weight, threshold, bias, min_density);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dst_conv2d_autograd(
+    const Tensor& x, const Tensor& weight, const Tensor& threshold,
+    const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, std::optional<double> min_density) {
+  auto out = Conv2dFunction::apply(x, weight, threshold, bias, stride, padding, dilation, groups,
+                                   min_density);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace dst
+
+TORCH_LIBRARY_IMPL(dst_kernels, Autograd, m) {
+  m.impl("dst_mask", &dst::dst_mask_autograd);
+  m.impl("dst_linear", &dst::dst_linear_autograd);
+  m.impl("dst_conv2d", &dst::dst_conv2d_autograd);
+}
