@@ -126,9 +126,16 @@ def make_input(case: Case) -> torch.Tensor:
 
 
 def make_step(layer: nn.Module, x: torch.Tensor, case: Case) -> Callable[[], None]:
-    """One call of the timed work for ``case.mode``."""
+    """One call of the timed work for ``case.mode``.
+
+    Backward and step time a layer inside a network: the gradients of all parameters and of
+    the input ``x``.
+    """
     autocast = case.device == "cuda" and case.dtype in (torch.float16, torch.bfloat16)
-    params = [p for p in layer.parameters() if p.requires_grad]
+    wrt = [p for p in layer.parameters() if p.requires_grad]
+    if case.mode != "forward":
+        x = x.detach().requires_grad_(True)
+        wrt.append(x)
 
     def forward():
         with torch.autocast(case.device, dtype=case.dtype, enabled=autocast):
@@ -147,12 +154,12 @@ def make_step(layer: nn.Module, x: torch.Tensor, case: Case) -> Callable[[], Non
     if case.mode == "backward":
 
         def run():  # the backward of one forward, kept alive across calls
-            torch.autograd.grad(out, params, grad, retain_graph=True)
+            torch.autograd.grad(out, wrt, grad, retain_graph=True)
 
         return run
 
     def run():
-        torch.autograd.grad(forward(), params, grad)
+        torch.autograd.grad(forward(), wrt, grad)
 
     return run
 

@@ -76,6 +76,36 @@ def test_conv2d_native_matches_reference(cfg, channels_last):
         assert_close_rel(a, b, 1e-12, name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_conv2d_native_low_precision_matches_reference(groups, channels_last, dtype, device):
+    """Whole layers in fp32 / bf16 / fp16 (no autocast): same mask, values within SPEC tolerances."""
+    weight, threshold = make_case((6, 9 // groups, 3, 3), dtype)
+    x = torch.randn(2, 9, 7, 5, dtype=torch.float64).to(dtype)
+    bias = torch.randn(6, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        weight = weight.to(memory_format=torch.channels_last)
+    inputs = [t.to(device) for t in (x, weight, threshold, bias)]
+    res = {}
+    for backend in ("reference", "native"):
+        res[backend] = _grads(
+            lambda x_, w_, t_, b_, be=backend: DF.dst_conv2d(x_, w_, t_, b_, 2, 1, 1, groups, backend=be),
+            inputs,
+        )
+    (yr, gr), (yn, gn) = res["reference"], res["native"]
+    assert yn.dtype == dtype and gn[1].dtype == dtype
+    tol = tol_for(dtype)
+    assert_close_rel(yn, yr, tol, "y")
+    for name, a, b in zip(("dx", "dW", "dt", "db"), gn, gr):
+        scale = row_length(weight) ** 0.5 if name == "dt" else 1.0
+        assert_close_rel(a, b, tol * scale, name)
+    masked = torch.ops.dst_kernels.dst_mask(inputs[1], inputs[2], None)[0]
+    assert torch.equal(masked, inputs[1] * dst.functional.mask(inputs[1], inputs[2]))
+
+
 def test_gradcheck_native_input_path():
     weight, threshold = make_case((5, 7), torch.float64)
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
