@@ -39,7 +39,7 @@ CONV2D = {
     "cpu": [(64, 20, 12, 12, 50, 5), *_CONV_3X3],
     "gpu": _CONV_3X3,
 }
-# (batch, steps, input, hidden): the paper's MNIST LSTM-a / LSTM-b (2 layers)
+# (batch, steps, input, hidden): the hidden sizes of the paper's MNIST LSTM-a / LSTM-b, 2 layers
 LSTM = {
     "smoke": [(2, 3, 4, 5)],
     "cpu": [(100, 28, 28, 128), (100, 28, 28, 256)],

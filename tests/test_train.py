@@ -63,6 +63,19 @@ def test_no_dense_baseline(tmp_path):
     assert runs == {"dst"}
 
 
+def test_lstm_model_trains_with_dst_lstm(tmp_path):
+    out = _run(tmp_path, "--model", "lstm_a", "--no-dense-baseline", "--lr", "3e-3")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "lstm_a"
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["optimizer"] == "adam"
+    names = [layer["name"] for layer in summary["dst"]["layers"]]
+    assert names == ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "fc.weight"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["dst"]["lstm.threshold_ih_l0"].shape == (4 * 128,)
+    # Three epochs on 640 digits read row by row learn far more than chance (10 %).
+    assert summary["dst"]["accuracy"] > 0.3
+
+
 def test_module_entry_point_help():
     proc = subprocess.run(
         [sys.executable, "-m", "dst_kernels.train", "--help"], capture_output=True, text=True
@@ -76,6 +89,9 @@ def test_mnist5k_split_is_stratified_and_fixed():
     assert torch.equal(a.y_train, b.y_train) and torch.equal(a.x_test, b.x_test)
     assert torch.bincount(a.y_train).tolist() == [400] * 10
     assert torch.bincount(a.y_test).tolist() == [100] * 10
+    # Prefixes (what --limit-train / --limit-test keep) hold every class.
+    assert (torch.bincount(a.y_train[:200], minlength=10) >= 8).all()
+    assert (torch.bincount(a.y_test[:200], minlength=10) >= 8).all()
 
 
 def _write_idx(path, array: np.ndarray, gz: bool) -> None:

@@ -47,6 +47,13 @@ RECIPES = {
 }
 
 
+# Per-model changes to the data set's recipe: the paper trains its MNIST LSTMs with Adam.
+MODEL_RECIPES = {
+    "lstm_a": dict(optimizer="adam", lr=1e-3, batch_size=100),
+    "lstm_b": dict(optimizer="adam", lr=1e-3, batch_size=100),
+}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dst-train",
@@ -61,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-t) in the loss")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="default: the recipe's")
     p.add_argument(
         "--milestones", default=None, help="comma-separated epochs where the lr drops x0.1 (default: recipe)"
     )
@@ -80,8 +87,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args) -> argparse.Namespace:
-    recipe = RECIPES[args.dataset]
-    for key in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "alpha"):
+    if args.model is None:
+        args.model = RECIPES[args.dataset]["model"]
+        if args.model is None:
+            raise SystemExit(f"dst-train: --model is required for --dataset {args.dataset}")
+    recipe = {"optimizer": "sgd", **RECIPES[args.dataset], **MODEL_RECIPES.get(args.model, {})}
+    for key in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "alpha", "optimizer"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     if args.milestones is None:
@@ -92,10 +103,6 @@ def _resolve(args) -> argparse.Namespace:
         except ValueError:
             msg = f"dst-train: --milestones must be comma-separated epochs, got {args.milestones!r}"
             raise SystemExit(msg) from None
-    if args.model is None:
-        args.model = recipe["model"]
-        if args.model is None:
-            raise SystemExit(f"dst-train: --model is required for --dataset {args.dataset}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.epochs < 1:

@@ -109,7 +109,7 @@ def load_mnist5k(seed: int = 0, train_per_class: int = 400) -> Dataset:
         train_idx.append(idx[:train_per_class])
         test_idx.append(idx[train_per_class:])
     train_idx = rng.permutation(np.concatenate(train_idx))
-    test_idx = np.sort(np.concatenate(test_idx))
+    test_idx = rng.permutation(np.concatenate(test_idx))  # any prefix (--limit-test) mixes classes
     return Dataset(
         "mnist5k",
         _normalise_mnist(images[train_idx]),
