@@ -2,6 +2,11 @@
 // one dispatcher call per layer and no Python in the training step. Each backward saves
 // only x, W and the effective thresholds: P is recomputed (and only when dX is needed),
 // and dW is written over the weight gradient's own buffer by dst_weight_grad_.
+//
+// Each Function returns only its differentiable output (y, or P for dst_mask); P and the
+// effective thresholds leave through an Extras struct beside the autograd graph (they are
+// made below autograd and never require grad). Marking them non-differentiable instead
+// would break compiled autograd, which does not support that for C++ Functions.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -75,59 +80,74 @@ std::pair<Tensor, Tensor> weight_grads(Tensor grad_p, const Tensor& weight, cons
 
 Tensor if_needed(bool needed, Tensor t) { return needed ? std::move(t) : Tensor(); }
 
-// Outputs after the first (P and t_eff) carry no gradient; none is materialised for them.
-void finish_forward(AutogradContext* ctx, const Tensor& masked, const Tensor& t_eff,
-                    bool masked_differentiable) {
-  if (masked_differentiable) {
-    ctx->mark_non_differentiable({t_eff});
-  } else {
-    ctx->mark_non_differentiable({masked, t_eff});
+// The outputs that carry no gradient.
+struct Extras {
+  Tensor masked;
+  Tensor t_eff;
+};
+
+// Backward with create_graph=True would differentiate through dst_weight_grad and a P
+// recomputed from the saved (detached) thresholds: wrong second-order gradients. Refuse.
+void check_first_order(const char* op, std::initializer_list<const Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) {
+    return;
   }
-  ctx->set_materialize_grads(false);
+  for (const Tensor* t : tensors) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !(t->defined() && t->requires_grad()), op,
+        ": double backward (create_graph=True) is not supported by the native "
+        "backend; use backend=\"reference\" for higher-order gradients");
+  }
 }
 
 struct MaskFunction : public torch::autograd::Function<MaskFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& threshold,
-                               std::optional<double> min_density) {
+                               std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [masked, t_eff] = mask_op().call(weight, threshold, min_density);
     ctx->save_for_backward({weight, t_eff});
-    finish_forward(ctx, masked, t_eff, /*masked_differentiable=*/true);
-    return {masked, t_eff};
+    ctx->set_materialize_grads(false);
+    extras->t_eff = t_eff;
+    return {masked};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);
     const Tensor& grad_p = grads[0];
     if (!grad_p.defined()) {
-      return {Tensor(), Tensor(), Tensor()};
+      return out;
     }
     const auto saved = ctx->get_saved_variables();
+    check_first_order("dst_mask", {&grad_p, &saved[0]});
     auto [grad_w, grad_t] = weight_grad_op().call(grad_p, saved[0], saved[1]);
-    return {if_needed(ctx->needs_input_grad(0), grad_w),
-            if_needed(ctx->needs_input_grad(1), grad_t), Tensor()};
+    out[0] = if_needed(ctx->needs_input_grad(0), grad_w);
+    out[1] = if_needed(ctx->needs_input_grad(1), grad_t);
+    return out;
   }
 };
 
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const Tensor& threshold, const std::optional<Tensor>& bias,
-                               std::optional<double> min_density) {
+                               std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, masked, t_eff] = linear_op().call(x, weight, threshold, bias, min_density);
     ctx->save_for_backward({x, weight, t_eff});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    finish_forward(ctx, masked, t_eff, /*masked_differentiable=*/false);
-    return {y, masked, t_eff};
+    ctx->set_materialize_grads(false);
+    *extras = {masked, t_eff};
+    return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(5);
+    variable_list out(6);
     const Tensor& grad_y = grads[0];
     if (!grad_y.defined()) {
       return out;
     }
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
+    check_first_order("dst_linear", {&grad_y, &x, &weight});
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1), need_t = ctx->needs_input_grad(2);
@@ -153,7 +173,7 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                                const Tensor& threshold, const std::optional<Tensor>& bias,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups,
-                               std::optional<double> min_density) {
+                               std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, masked, t_eff] = conv2d_op().call(x, weight, threshold, bias, stride, padding,
                                                dilation, groups, min_density);
@@ -163,18 +183,20 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
-    finish_forward(ctx, masked, t_eff, /*masked_differentiable=*/false);
-    return {y, masked, t_eff};
+    ctx->set_materialize_grads(false);
+    *extras = {masked, t_eff};
+    return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);
+    variable_list out(10);
     const Tensor& grad_y = grads[0];
     if (!grad_y.defined()) {
       return out;
     }
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
+    check_first_order("dst_conv2d", {&grad_y, &x, &weight});
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> output_mask = {ctx->needs_input_grad(0),
                                              ctx->needs_input_grad(1) || ctx->needs_input_grad(2),
@@ -201,25 +223,28 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
 
 std::tuple<Tensor, Tensor> dst_mask_autograd(const Tensor& weight, const Tensor& threshold,
                                              std::optional<double> min_density) {
-  auto out = MaskFunction::apply(weight, threshold, min_density);
-  return {out[0], out[1]};
+  Extras extras;
+  auto out = MaskFunction::apply(weight, threshold, min_density, &extras);
+  return {out[0], extras.t_eff};
 }
 
 std::tuple<Tensor, Tensor, Tensor> dst_linear_autograd(const Tensor& x, const Tensor& weight,
                                                        const Tensor& threshold,
                                                        const std::optional<Tensor>& bias,
                                                        std::optional<double> min_density) {
-  auto out = LinearFunction::apply(x, weight, threshold, bias, min_density);
-  return {out[0], out[1], out[2]};
+  Extras extras;
+  auto out = LinearFunction::apply(x, weight, threshold, bias, min_density, &extras);
+  return {out[0], extras.masked, extras.t_eff};
 }
 
 std::tuple<Tensor, Tensor, Tensor> dst_conv2d_autograd(
     const Tensor& x, const Tensor& weight, const Tensor& threshold,
     const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, std::optional<double> min_density) {
+  Extras extras;
   auto out = Conv2dFunction::apply(x, weight, threshold, bias, stride, padding, dilation, groups,
-                                   min_density);
-  return {out[0], out[1], out[2]};
+                                   min_density, &extras);
+  return {out[0], extras.masked, extras.t_eff};
 }
 
 }  // namespace

@@ -182,3 +182,51 @@ def test_compile_fullgraph_native():
     assert_close_rel(compiled(x).detach(), eager(x).detach(), 1e-5, "y")
     for (name, a), (_, b) in zip(compiled_model.named_parameters(), eager.named_parameters()):
         assert_close_rel(a.grad, b.grad, 1e-5 * (30 if name.endswith("threshold") else 1), name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_autograd_matches_eager():
+    """The backward graph of DST layers traced by compiled autograd (C++ autograd Functions)."""
+    eager, compiled_model = _model("native"), _model("native")
+    with torch.no_grad():
+        for m in (eager, compiled_model):
+            for layer in (m[0], m[3]):
+                torch.manual_seed(1)
+                layer.threshold.uniform_(0.0, 0.1)
+    x = torch.randn(4, 3, 6, 6)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    eager(x1).square().sum().backward()
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        compiled_model(x2).square().sum().backward()
+    torch._dynamo.reset()
+    assert_close_rel(x2.grad, x1.grad, 1e-6, "dx")
+    for (name, a), (_, b) in zip(compiled_model.named_parameters(), eager.named_parameters()):
+        assert_close_rel(a.grad, b.grad, 1e-6 * (72 if name.endswith("threshold") else 1), name)
+
+
+def _second_order(kind, backend):
+    weight, threshold = make_case((4, 6), torch.float64)
+    if kind == "conv2d":
+        weight, threshold = make_case((4, 2, 3, 3), torch.float64)
+        x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    else:
+        x = torch.randn(3, 6, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (x, weight, threshold)]
+    if kind == "linear":
+        out = DF.dst_linear(*leaves, backend=backend)
+    elif kind == "conv2d":
+        out = DF.dst_conv2d(*leaves, padding=1, backend=backend)
+    else:
+        out = DF.masked_weight(weight, threshold, backend=backend) * x.sum()
+    grads = torch.autograd.grad(out.pow(3).sum(), leaves, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves, allow_unused=True)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "masked_weight"])
+def test_double_backward_is_refused_not_wrong(kind):
+    """Second-order gradients would need the estimator's own derivative and P's dependence on
+    the thresholds: the native backend refuses them; the reference backend computes them."""
+    with pytest.raises(NotImplementedError, match=r"double backward .* backend=\"reference\""):
+        _second_order(kind, "native")
+    assert any(g is not None for g in _second_order(kind, "reference"))
