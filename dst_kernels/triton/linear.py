@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dst_kernels.triton import interpreting
-from dst_kernels.triton.mask import estimator_tl, reset_
+from dst_kernels.triton.mask import check_first_order, estimator_tl, reset_
 
 __all__ = ["linear"]
 
@@ -344,6 +344,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, weight, threshold = ctx.saved_tensors
+    check_first_order("triton_linear", grad_y, x, weight)
     need_x, need_w, need_t, need_b = ctx.needs_input_grad
     grad_x, grad_w, grad_t = torch.ops.dst_kernels.triton_linear_backward(
         grad_y.contiguous(), x, weight, threshold, need_x

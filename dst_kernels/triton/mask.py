@@ -133,6 +133,15 @@ def _weight_grad_op(
     return grad_w.reshape(weight.shape), partial.sum(0).to(threshold.dtype)
 
 
+def check_first_order(op: str, *tensors: torch.Tensor) -> None:
+    """Refuse backward with create_graph=True: the kernels' outputs carry no second-order graph."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"{op}: double backward (create_graph=True) is not supported by the triton backend; "
+            'use backend="reference" for higher-order gradients'
+        )
+
+
 def _setup(ctx, inputs, output):
     weight, threshold = inputs
     ctx.save_for_backward(weight, threshold.detach().clone())
@@ -140,6 +149,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     weight, threshold = ctx.saved_tensors
+    check_first_order("triton_masked_weight", grad, weight)
     grad_w, grad_t = torch.ops.dst_kernels.triton_weight_grad(grad, weight, threshold)
     return (grad_w if ctx.needs_input_grad[0] else None, grad_t if ctx.needs_input_grad[1] else None)
 
