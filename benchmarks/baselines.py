@@ -6,6 +6,8 @@
   per layer per forward; ``sync=False``: the same maths with ``torch.where``).
 * ``fake_sparsity``: a static mask applied through ``torch.nn.utils.parametrize``,
   as ``torch.ao.pruning`` masks weights today.
+* ``IGemmConv2d``: ``DSTConv2d`` on the Triton implicit-GEMM conv
+  (``dst_kernels.triton.conv2d_igemm``), a candidate for ``"auto"`` on some shapes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+import dst_kernels as dst
 
 
 class _BinaryStep(torch.autograd.Function):
@@ -87,3 +91,22 @@ def fake_sparsity(layer: nn.Module, density: float = 0.1) -> nn.Module:
     mask = (torch.rand(w.shape, device=w.device) < density).to(w.dtype)
     parametrize.register_parametrization(layer, "weight", _FakeSparsity(mask))
     return layer
+
+
+class IGemmConv2d(dst.DSTConv2d):
+    """A DSTConv2d whose forward is the Triton implicit-GEMM conv (integer padding, zeros mode)."""
+
+    def forward(self, x):
+        from dst_kernels.triton import conv2d_igemm
+
+        return conv2d_igemm(
+            x,
+            self.weight,
+            self.threshold,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            min_density=self._reset_bound(),
+        )

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import dst_kernels as dst
-from benchmarks.baselines import PaperConv2d, PaperLinear, fake_sparsity
+from benchmarks.baselines import IGemmConv2d, PaperConv2d, PaperLinear, fake_sparsity
 
 # Implementations, in report order; "dense" is the denominator of every ratio.
-IMPLS = ("dense", "paper", "paper-sync", "ao-fakesparsity", "reference", "native", "triton")
-OURS = ("native", "triton")
+IMPLS = ("dense", "paper", "paper-sync", "ao-fakesparsity", "reference", "native", "triton", "triton-igemm")
+OURS = ("native", "triton", "triton-igemm")
 
 
 @dataclass
@@ -57,6 +57,8 @@ def available_impls(case: Case) -> list[str]:
             names.insert(2, "paper-sync")
     backends = dst.available_backends(case.device)
     names += [b for b in OURS if b in backends]
+    if case.op == "conv2d" and "triton" in backends:
+        names.append("triton-igemm")
     return names
 
 
@@ -91,6 +93,7 @@ def build_layer(impl: str, case: Case) -> nn.Module:
             "paper": lambda: PaperConv2d(c, n, ks, padding=ks // 2, sync=False, **kw),
             "paper-sync": lambda: PaperConv2d(c, n, ks, padding=ks // 2, sync=True, **kw),
             "ao-fakesparsity": lambda: fake_sparsity(nn.Conv2d(c, n, ks, padding=ks // 2, **kw)),
+            "triton-igemm": lambda: IGemmConv2d(c, n, ks, padding=ks // 2, backend="triton", **kw),
         }
         dst_cls = lambda backend: dst.DSTConv2d(c, n, ks, padding=ks // 2, backend=backend, **kw)  # noqa: E731
     elif case.op == "lstm":

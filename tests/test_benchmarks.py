@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import dst_kernels as dst
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,6 +44,8 @@ def test_benchmark_suite_smoke(tmp_path):
     impls = {r["impl"] for r in records if r["op"] == "linear"}
     assert {"dense", "paper", "ao-fakesparsity", "reference"} <= impls
     assert {r["impl"] for r in records if r["op"] == "lstm"} >= {"dense", "reference"}
+    if os.environ.get("TRITON_INTERPRET") == "1" and "triton" in dst.available_backends("cpu"):
+        assert {"triton", "triton-igemm"} <= {r["impl"] for r in records if r["op"] == "conv2d"}
     assert {r["mode"] for r in records if r["op"] == "weight_grad"} == {"backward"}
     for r in records:
         assert set(r) == {

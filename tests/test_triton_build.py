@@ -23,5 +23,6 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "compile_check: 0 failure(s)" in out
-    # 3 GEMM kernels + 2 elementwise kernels per dtype (3) and arch (2), plus the reset kernel.
-    assert out.count("\nok    ") + out.startswith("ok    ") == 2 * (3 * 5 + 1)
+    # 4 GEMM kernels (3 linear, the implicit-GEMM conv) + 2 elementwise kernels per dtype (3)
+    # and arch (2), plus the reset kernel.
+    assert out.count("\nok    ") + out.startswith("ok    ") == 2 * (3 * 6 + 1)

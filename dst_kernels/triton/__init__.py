@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import triton  # noqa: F401  (ImportError here: the backend is unavailable)
 
-__all__ = ["usable", "interpreting", "masked_weight", "linear", "conv2d"]
+__all__ = ["usable", "interpreting", "masked_weight", "linear", "conv2d", "conv2d_igemm"]
 
 
 def interpreting() -> bool:
@@ -26,6 +26,7 @@ def usable(device: torch.device) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+from dst_kernels.triton.conv import conv2d_igemm  # noqa: E402
 from dst_kernels.triton.linear import linear  # noqa: E402
 from dst_kernels.triton.mask import masked_weight  # noqa: E402
 

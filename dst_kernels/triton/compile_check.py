@@ -22,11 +22,12 @@ def _kernels(all_configs: bool):
 
     linear = importlib.import_module("dst_kernels.triton.linear")
     mask = importlib.import_module("dst_kernels.triton.mask")
+    conv = importlib.import_module("dst_kernels.triton.conv")
     configs = linear._configs() if all_configs else linear._configs()[:1]
     for dtype in ("fp32", "fp16", "bf16"):
         precision = "tf32" if dtype == "fp32" else "ieee"
         for cfg in configs:
-            for kernel in (linear._fwd_kernel, linear._dx_kernel, linear._dw_kernel):
+            for kernel in (linear._fwd_kernel, linear._dx_kernel, linear._dw_kernel, conv._igemm_fwd_kernel):
                 constexprs = dict(cfg.kwargs, PRECISION=precision, ACC=tl.float32)
                 if "HAS_BIAS" in kernel.fn.arg_names:
                     constexprs["HAS_BIAS"] = True
