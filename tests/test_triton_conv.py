@@ -87,3 +87,25 @@ def test_igemm_conv_reset_rule_and_bad_input():
         conv2d_igemm(x, weight, threshold, None, 1, 1, 1, 3)
     with pytest.raises(TypeError, match="x has dtype"):
         conv2d_igemm(x.double(), weight, threshold)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU (the Triton interpreter cannot run on fake tensors)",
+)
+def test_opcheck_triton_ops_cuda():
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda") * scale).requires_grad_(True)
+
+    t6 = (torch.rand(6, device="cuda") * 0.3).requires_grad_(True)
+    cases = [
+        (
+            torch.ops.dst_kernels.triton_conv2d_igemm.default,
+            (leaf(2, 4, 6, 5), leaf(6, 2, 3, 3), t6, leaf(6), [1, 2], [1, 0], [1, 1], 2),
+        ),
+        (torch.ops.dst_kernels.triton_linear.default, (leaf(3, 5), leaf(6, 5), t6, None)),
+        (torch.ops.dst_kernels.triton_masked_weight.default, (leaf(6, 5), t6)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
