@@ -253,9 +253,10 @@ class DSTLSTM(DSTLayer, nn.LSTM):
 
     Every ``weight_ih_l{k}`` / ``weight_hh_l{k}`` (``[4H, *]``) gets a threshold
     ``threshold_ih_l{k}`` / ``threshold_hh_l{k}`` of shape ``[4H]``: one per unit
-    per gate. The masks are computed once per forward, for all layers, and the
-    masked weights run through PyTorch's fused LSTM. Unidirectional, no
-    projections.
+    per gate; likewise ``*_reverse`` for a bidirectional LSTM and
+    ``threshold_hr_l{k}`` (``[proj_size]``) for the projections of one with
+    ``proj_size > 0``. The masks are computed once per forward, for all layers,
+    and the masked weights run through PyTorch's fused LSTM.
     """
 
     def __init__(
@@ -266,6 +267,8 @@ class DSTLSTM(DSTLayer, nn.LSTM):
         bias: bool = True,
         batch_first: bool = False,
         dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
         *,
         min_density: float | None = 0.01,
         backend: str = "auto",
@@ -279,14 +282,16 @@ class DSTLSTM(DSTLayer, nn.LSTM):
             bias=bias,
             batch_first=batch_first,
             dropout=dropout,
+            bidirectional=bidirectional,
+            proj_size=proj_size,
             device=device,
             dtype=dtype,
         )
         self._init_dst(min_density, backend)
         pairs = []
-        for k in range(num_layers):
-            for kind in ("ih", "hh"):
-                w_name, t_name = f"weight_{kind}_l{k}", f"threshold_{kind}_l{k}"
+        for w_name in self._flat_weights_names:  # nn.LSTM's order: per layer and direction
+            if w_name.startswith("weight_"):
+                t_name = "threshold_" + w_name.removeprefix("weight_")
                 setattr(self, t_name, self._new_threshold(getattr(self, w_name)))
                 pairs.append((w_name, t_name))
         self._dst_pairs = tuple(pairs)
@@ -311,8 +316,6 @@ class DSTLSTM(DSTLayer, nn.LSTM):
 
     @classmethod
     def from_dense(cls, lstm: nn.LSTM, *, min_density=0.01, backend="auto") -> DSTLSTM:
-        if lstm.bidirectional or lstm.proj_size:
-            raise ValueError("DSTLSTM supports unidirectional LSTMs without projections")
         w = lstm.weight_ih_l0
         layer = cls(
             lstm.input_size,
@@ -321,6 +324,8 @@ class DSTLSTM(DSTLayer, nn.LSTM):
             lstm.bias,
             lstm.batch_first,
             lstm.dropout,
+            lstm.bidirectional,
+            lstm.proj_size,
             min_density=min_density,
             backend=backend,
             device=w.device,
@@ -341,6 +346,8 @@ class DSTLSTM(DSTLayer, nn.LSTM):
             bias=self.bias,
             batch_first=self.batch_first,
             dropout=self.dropout,
+            bidirectional=self.bidirectional,
+            proj_size=self.proj_size,
             device=w.device,
             dtype=w.dtype,
         )
@@ -403,8 +410,6 @@ def sparsify(
             return None
         for src, dst_cls in _CONVERTERS:
             if isinstance(module, src):
-                if src is nn.LSTM and (module.bidirectional or module.proj_size):
-                    return None
                 return dst_cls.from_dense(module, min_density=min_density, backend=backend)
         return None
 

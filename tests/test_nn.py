@@ -473,6 +473,47 @@ def test_lstm_without_initial_state_and_eval():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bidirectional, proj_size", [(True, 0), (False, 3), (True, 2)])
+def test_lstm_bidirectional_and_projections_match_nn_lstm(bidirectional, proj_size, backend):
+    dtype = torch.float64
+    lstm = dst.DSTLSTM(5, 4, 2, True, True, 0.0, bidirectional, proj_size, dtype=dtype, backend=backend)
+    ref = nn.LSTM(5, 4, 2, batch_first=True, bidirectional=bidirectional, proj_size=proj_size, dtype=dtype)
+    weights = [n for n, _ in ref.named_parameters() if n.startswith("weight")]
+    thresholds = sorted(n for n, _ in lstm.named_parameters() if n.startswith("threshold"))
+    assert thresholds == sorted(n.replace("weight", "threshold") for n in weights)
+    if proj_size:
+        assert lstm.threshold_hr_l1.shape == (proj_size,)
+    _set_random_thresholds(lstm, -0.05, 0.3)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            src = getattr(lstm, name)
+            t = getattr(lstm, name.replace("weight", "threshold"), None)
+            p.copy_(src * reference.mask(src, t) if name in weights else src)
+    x = torch.randn(3, 6, 5, dtype=dtype)
+    out, (hn, cn) = lstm(x)
+    out_ref, (hn_ref, cn_ref) = ref(x)
+    for name, a, e in (("out", out, out_ref), ("h_n", hn, hn_ref), ("c_n", cn, cn_ref)):
+        assert_close_rel(a, e, 1e-12, name)
+    (out.square().sum() + hn.sum()).backward()
+    (out_ref.square().sum() + hn_ref.sum()).backward()
+    for name, p in ref.named_parameters():
+        if name in weights:
+            w, t = getattr(lstm, name), getattr(lstm, name.replace("weight", "threshold"))
+            gw, gt = reference.weight_grad(p.grad, w.detach(), t.detach())
+            assert_close_rel(w.grad, gw, 1e-12, f"d{name}")
+            assert_close_rel(t.grad, gt, 1e-12 * row_length(w), f"dthreshold of {name}")
+        else:
+            assert_close_rel(getattr(lstm, name).grad, p.grad, 1e-12, f"d{name}")
+    # sparsify converts such LSTMs, and fold gives them back as plain ones.
+    model = dst.sparsify(nn.Sequential(copy.deepcopy(ref)))
+    assert isinstance(model[0], dst.DSTLSTM) and model[0].bidirectional == bidirectional
+    assert model[0].proj_size == proj_size
+    plain = lstm.to_dense()
+    assert type(plain) is nn.LSTM and plain.bidirectional == bidirectional and plain.proj_size == proj_size
+    assert_close_rel(plain(x)[0], lstm(x)[0], 1e-12, "to_dense")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lstm_dropout_between_layers_matches_nn_lstm(backend):
     lstm = dst.DSTLSTM(5, 4, num_layers=3, dropout=0.4, dtype=torch.float64, backend=backend)
     _set_random_thresholds(lstm)
