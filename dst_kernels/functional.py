@@ -335,7 +335,19 @@ def dst_conv2d(
     ``min_density`` applies the reset rule first (see :func:`masked_weight`).
     """
     name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
-    _check_weight_threshold(weight, threshold, name)
+    stride, padding, dilation = check_conv2d_args(
+        x, weight, threshold, bias, stride, padding, dilation, groups, name
+    )
+    min_density = check_min_density(min_density)
+    return _backend_impl(name).conv2d(
+        x, weight, threshold, bias, stride, padding, dilation, groups, min_density
+    )
+
+
+def check_conv2d_args(x, weight, threshold, bias, stride, padding, dilation, groups, backend: str):
+    """Every argument check of :func:`dst_conv2d`; returns ``(stride, padding, dilation)`` as
+    pairs of ints (``padding`` may stay "same" / "valid")."""
+    _check_weight_threshold(weight, threshold, backend)
     if weight.dim() != 4:
         raise ValueError(
             f"weight must be 4-D [out_channels, in_channels/groups, kh, kw], got {tuple(weight.shape)}"
@@ -361,7 +373,4 @@ def dst_conv2d(
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
     else:
         padding = _pair(padding, "padding")
-    min_density = check_min_density(min_density)
-    return _backend_impl(name).conv2d(
-        x, weight, threshold, bias, stride, padding, dilation, groups, min_density
-    )
+    return stride, padding, dilation

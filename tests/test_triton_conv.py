@@ -84,7 +84,7 @@ def test_igemm_conv_reset_rule_and_bad_input():
     with pytest.raises(ValueError, match="padding must be integers"):
         conv2d_igemm(x, weight, threshold, None, 1, "same")
     with pytest.raises(ValueError, match="x has 3 channels"):
-        conv2d_igemm(x, weight, threshold, None, 1, 1, 1, 3)
+        conv2d_igemm(x, weight, threshold, None, 1, 1, 1, 2)
     with pytest.raises(TypeError, match="x has dtype"):
         conv2d_igemm(x.double(), weight, threshold)
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from dst_kernels import functional as DF
 from dst_kernels.triton.linear import _acc, _configs, _precision, _prune
 from dst_kernels.triton.mask import check_first_order, masked_weight, reset_
 
@@ -114,6 +115,12 @@ def _igemm_fwd_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
@@ -133,9 +140,7 @@ def _igemm_op(
     oc, c_g, kh, kw = weight.shape
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.empty((batch, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    y = torch.empty((batch, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     m, n, k = batch * oh * ow, oc // groups, c_g * kh * kw
 
     def grid(meta):
@@ -194,7 +199,7 @@ def _backward(ctx, grad_y):
     grad_w = grad_t = None
     if mask[1]:
         grad_w, grad_t = torch.ops.dst_kernels.triton_weight_grad(grad_p, weight, threshold)
-        grad_w = grad_w.contiguous(memory_format=_format_of(weight))
+        grad_w = grad_w.contiguous(memory_format=_memory_format(weight))
     grad_b = grad_b.to(weight.dtype) if mask[2] else None
     return (
         grad_x if need_x else None,
@@ -208,17 +213,7 @@ def _backward(ctx, grad_y):
     )
 
 
-def _format_of(weight: torch.Tensor) -> torch.memory_format:
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 _igemm_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
 
 def conv2d_igemm(
@@ -226,27 +221,24 @@ def conv2d_igemm(
 ):
     """``conv2d(x, W*M, b)`` as one Triton implicit GEMM (explicit integer padding only).
 
-    Same contract as ``dst_kernels.functional.dst_conv2d`` with ``backend="triton"``
-    (4-D ``x``; with ``min_density`` set the reset rule runs first, updating
-    ``threshold`` in place). Under autocast, ``x`` runs in the autocast dtype and
-    ``W`` is cast in registers.
+    Same contract and argument checks as ``dst_kernels.functional.dst_conv2d`` with
+    ``backend="triton"`` (4-D ``x``; with ``min_density`` set the reset rule runs first,
+    updating ``threshold`` in place). Under autocast, ``x`` runs in the autocast dtype
+    and ``W`` is cast in registers.
     """
+    stride, padding, dilation = DF.check_conv2d_args(
+        x, weight, threshold, bias, stride, padding, dilation, groups, "triton"
+    )
     if isinstance(padding, str):
         raise ValueError(f"padding must be integers for the implicit-GEMM conv, got {padding!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(
-            f"x has {x.shape[1]} channels, but weight {tuple(weight.shape)} with groups={groups} "
-            f"expects {weight.shape[1] * groups}"
-        )
+    min_density = DF.check_min_density(min_density)
     if min_density is not None:
         reset_(weight, threshold, min_density)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # W is cast in registers
         bias = bias.to(x.dtype) if bias is not None else None
-    elif x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
     return torch.ops.dst_kernels.triton_conv2d_igemm(
-        x, weight, threshold, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups)
+        x, weight, threshold, bias, list(stride), list(padding), list(dilation), groups
     )
