@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dst_kernels import functional as DF
+from dst_kernels._checks import check_conv2d_args, check_min_density
 from dst_kernels.triton.linear import _acc, _configs, _precision, _prune
 from dst_kernels.triton.mask import check_first_order, masked_weight, reset_
 
@@ -226,14 +226,14 @@ def conv2d_igemm(
     updating ``threshold`` in place). Under autocast, ``x`` runs in the autocast dtype
     and ``W`` is cast in registers.
     """
-    stride, padding, dilation = DF.check_conv2d_args(
+    stride, padding, dilation = check_conv2d_args(
         x, weight, threshold, bias, stride, padding, dilation, groups, "triton"
     )
     if isinstance(padding, str):
         raise ValueError(f"padding must be integers for the implicit-GEMM conv, got {padding!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    min_density = DF.check_min_density(min_density)
+    min_density = check_min_density(min_density)
     if min_density is not None:
         reset_(weight, threshold, min_density)
     if torch.is_autocast_enabled(x.device.type):
