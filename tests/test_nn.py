@@ -59,14 +59,17 @@ def test_linear_dense_when_thresholds_very_negative(bias, dtype, backend):
     x = torch.randn(5, 13, dtype=dtype)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y, y_dense = layer(x1), dense(x2)
-    assert torch.equal(y, y_dense)
     gy = torch.randn_like(y)
     y.backward(gy)
     y_dense.backward(gy)
-    assert torch.equal(x1.grad, x2.grad)
-    assert torch.equal(layer.weight.grad, dense.weight.grad)
+    pairs = [("y", y, y_dense), ("dx", x1.grad, x2.grad), ("dW", layer.weight.grad, dense.weight.grad)]
     if bias:
-        assert torch.equal(layer.bias.grad, dense.bias.grad)
+        pairs.append(("db", layer.bias.grad, dense.bias.grad))
+    for name, ours, theirs in pairs:
+        if backend == "triton":  # its own GEMMs: another summation order than ATen's
+            assert_close_rel(ours, theirs, tol_for(dtype), name)
+        else:  # the same ATen GEMM on both sides: bit-identical
+            assert torch.equal(ours, theirs), name
     assert torch.equal(layer.threshold.grad, torch.zeros(7, dtype=dtype))
 
 
