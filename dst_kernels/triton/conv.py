@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dst_kernels._checks import check_conv2d_args, check_min_density
-from dst_kernels.triton.linear import _acc, _configs, _precision, _prune
+from dst_kernels.triton.linear import _acc, _configs, _precision, _prune, check_gemm_sizes
 from dst_kernels.triton.mask import check_first_order, masked_weight, reset_
 
 __all__ = ["conv2d_igemm"]
@@ -74,8 +74,9 @@ def _igemm_fwd_kernel(
 ):
     tl.static_assert(BK >= 16, "tl.dot needs K blocks of at least 16")
     group = tl.program_id(2)
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    m_blocks = tl.cdiv(M, BM)  # (M, N) blocks on grid x: its y dimension stops at 65535
+    rm = (tl.program_id(0) % m_blocks) * BM + tl.arange(0, BM)
+    rn = (tl.program_id(0) // m_blocks) * BN + tl.arange(0, BN)
     oc = group * N + rn
     n = rm // (OH * OW)
     pix = rm % (OH * OW)
@@ -99,7 +100,12 @@ def _igemm_fwd_kernel(
             + iw.to(tl.int64) * sxw
         )
         x = tl.load(x_ptr + x_offs, mask=inside, other=0.0)
-        w_offs = oc[None, :].to(tl.int64) * swo + c[:, None] * swc + kh[:, None] * swh + kw[:, None] * sww
+        w_offs = (
+            oc[None, :].to(tl.int64) * swo
+            + c[:, None].to(tl.int64) * swc
+            + kh[:, None].to(tl.int64) * swh
+            + kw[:, None].to(tl.int64) * sww
+        )
         w = tl.load(w_ptr + w_offs, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
         keep = tl.abs(w) > t[None, :]  # in the weight's dtype, as the reference compares
         w = (w * keep.to(w.dtype)).to(x.dtype)
@@ -142,9 +148,12 @@ def _igemm_op(
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
     y = torch.empty((batch, oc, oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     m, n, k = batch * oh * ow, oc // groups, c_g * kh * kw
+    check_gemm_sizes(m, n, k)
+    if groups > 65535:
+        raise ValueError(f"the triton implicit-GEMM conv supports groups <= 65535, got {groups}")
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]), groups)
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), 1, groups)
 
     wrap_triton(_igemm_fwd_kernel)[grid](
         x,

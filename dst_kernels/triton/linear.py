@@ -88,20 +88,22 @@ def _fwd_kernel(
     BK: tl.constexpr,
 ):
     tl.static_assert(BK >= 16, "tl.dot needs K blocks of at least 16")
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    # A 1-D grid (a CUDA grid's y dimension stops at 65535), M blocks fastest as in a 2-D grid.
+    m_blocks = tl.cdiv(M, BM)
+    rm = (tl.program_id(0) % m_blocks) * BM + tl.arange(0, BM)
+    rn = (tl.program_id(0) // m_blocks) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     t = tl.load(t_ptr + rn, mask=rn < N, other=0.0)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         x = tl.load(
-            x_ptr + rm[:, None].to(tl.int64) * sxm + kk[None, :] * sxk,
+            x_ptr + rm[:, None].to(tl.int64) * sxm + kk[None, :].to(tl.int64) * sxk,
             mask=(rm[:, None] < M) & (kk[None, :] < K),
             other=0.0,
         )
         w = tl.load(
-            w_ptr + rn[:, None].to(tl.int64) * swn + kk[None, :] * swk,
+            w_ptr + rn[:, None].to(tl.int64) * swn + kk[None, :].to(tl.int64) * swk,
             mask=(rn[:, None] < N) & (kk[None, :] < K),
             other=0.0,
         )
@@ -111,7 +113,7 @@ def _fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(ACC)[None, :]
     tl.store(
-        y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :] * syn,
+        y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :].to(tl.int64) * syn,
         acc.to(y_ptr.dtype.element_ty),
         mask=(rm[:, None] < M) & (rn[None, :] < N),
     )
@@ -141,19 +143,20 @@ def _dx_kernel(
 ):
     # dX[M, K] = dY[M, N] @ P[N, K]: tiles over (M, K), reduction over N.
     tl.static_assert(BN >= 16, "tl.dot needs K blocks of at least 16")
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    m_blocks = tl.cdiv(M, BM)
+    rm = (tl.program_id(0) % m_blocks) * BM + tl.arange(0, BM)
+    rk = (tl.program_id(0) // m_blocks) * BK + tl.arange(0, BK)
     rn0 = tl.arange(0, BN)
     acc = tl.zeros((BM, BK), dtype=ACC)
     for n0 in range(0, N, BN):
         rn = n0 + rn0
         dy = tl.load(
-            dy_ptr + rm[:, None].to(tl.int64) * sdm + rn[None, :] * sdn,
+            dy_ptr + rm[:, None].to(tl.int64) * sdm + rn[None, :].to(tl.int64) * sdn,
             mask=(rm[:, None] < M) & (rn[None, :] < N),
             other=0.0,
         )
         w = tl.load(
-            w_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :] * swk,
+            w_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :].to(tl.int64) * swk,
             mask=(rn[:, None] < N) & (rk[None, :] < K),
             other=0.0,
         )
@@ -162,13 +165,21 @@ def _dx_kernel(
         w = (w * keep.to(w.dtype)).to(dy.dtype)
         acc += tl.dot(dy, w, input_precision=PRECISION)
     tl.store(
-        dx_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk,
+        dx_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
         acc.to(dx_ptr.dtype.element_ty),
         mask=(rm[:, None] < M) & (rk[None, :] < K),
     )
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+# Each config writes one dt partial per K block into `part_ptr`, and a larger BK writes fewer
+# rows: the autotuner zeroes the buffer before every benchmarked run and before the winner's
+# run, so rows an earlier config wrote are never summed again.
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["part_ptr"],
+)
 @triton.jit
 def _dw_kernel(
     dy_ptr,
@@ -194,37 +205,49 @@ def _dw_kernel(
 ):
     # G[N, K] = dY^T @ X in registers, then the estimator epilogue.
     tl.static_assert(BM >= 16, "tl.dot needs K blocks of at least 16")
-    pid_k = tl.program_id(1)
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_blocks = tl.cdiv(N, BN)
+    pid_k = tl.program_id(0) // n_blocks
+    rn = (tl.program_id(0) % n_blocks) * BN + tl.arange(0, BN)
     rk = pid_k * BK + tl.arange(0, BK)
     rm0 = tl.arange(0, BM)
     acc = tl.zeros((BN, BK), dtype=ACC)
     for m0 in range(0, M, BM):
         rm = m0 + rm0
         dyt = tl.load(
-            dy_ptr + rm[None, :].to(tl.int64) * sdm + rn[:, None] * sdn,
+            dy_ptr + rm[None, :].to(tl.int64) * sdm + rn[:, None].to(tl.int64) * sdn,
             mask=(rm[None, :] < M) & (rn[:, None] < N),
             other=0.0,
         )
         x = tl.load(
-            x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :] * sxk,
+            x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
             mask=(rm[:, None] < M) & (rk[None, :] < K),
             other=0.0,
         )
         acc += tl.dot(dyt, x.to(dyt.dtype), input_precision=PRECISION)
     inside = (rn[:, None] < N) & (rk[None, :] < K)
-    w = tl.load(w_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :] * swk, mask=inside, other=0.0)
+    w = tl.load(
+        w_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :].to(tl.int64) * swk, mask=inside, other=0.0
+    )
     w = w.to(ACC)
     t = tl.load(t_ptr + rn, mask=rn < N, other=0.0).to(ACC)
     aw = tl.abs(w)
     h = estimator_tl(aw - t[:, None])
     dw = tl.where(aw > t[:, None], acc, tl.zeros_like(acc)) + acc * aw * h
     tl.store(
-        dw_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :] * swk,
+        dw_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :].to(tl.int64) * swk,
         dw.to(dw_ptr.dtype.element_ty),
         mask=inside,
     )
     tl.store(part_ptr + pid_k.to(tl.int64) * N + rn, -tl.sum(acc * w * h, axis=1), mask=rn < N)
+
+
+def check_gemm_sizes(m: int, n: int, k: int) -> None:
+    """The kernels index rows and columns with int32 program offsets (element offsets are int64)."""
+    for name, v in (("rows of x (batch)", m), ("out_features", n), ("in_features", k)):
+        if v >= 2**31 - 256:
+            raise ValueError(
+                f"the triton linear supports {name} < 2**31 - 256, got {v}; use backend='native'"
+            )
 
 
 def _acc(dtype: torch.dtype):
@@ -244,10 +267,11 @@ def _linear_op(
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
     N = weight.shape[0]
+    check_gemm_sizes(M, N, K)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
     wrap_triton(_fwd_kernel)[grid](
         x2,
@@ -284,7 +308,7 @@ def _linear_backward_op(
         grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)
 
         def grid_x(meta):
-            return (triton.cdiv(M, meta["BM"]), triton.cdiv(K, meta["BK"]))
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BK"]),)
 
         wrap_triton(_dx_kernel)[grid_x](
             g2,
@@ -312,7 +336,7 @@ def _linear_backward_op(
     partial = torch.zeros((triton.cdiv(K, 16), N), dtype=acc_dtype, device=weight.device)
 
     def grid_w(meta):
-        return (triton.cdiv(N, meta["BN"]), triton.cdiv(K, meta["BK"]))
+        return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]),)
 
     wrap_triton(_dw_kernel)[grid_w](
         g2,

@@ -13,6 +13,9 @@ from torch.library import triton_op, wrap_triton
 __all__ = ["masked_weight", "reset_", "estimator_tl"]
 
 BLOCK_R, BLOCK_C = 16, 64
+# A CUDA grid's y and z dimensions stop at 65535 programs; x goes to 2**31 - 1. The
+# elementwise kernels use a 1-D grid over (row block, column block) pairs.
+MAX_PROGRAMS = 2**31 - 1
 
 
 @triton.jit
@@ -28,8 +31,10 @@ def estimator_tl(q):
 def _mask_kernel(
     w_ptr, t_ptr, out_ptr, count_ptr, rows, cols, WRITE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
 ):
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(cols, BC)
+    r = (pid // col_blocks) * BR + tl.arange(0, BR)
+    c = (pid % col_blocks) * BC + tl.arange(0, BC)
     inside = (r[:, None] < rows) & (c[None, :] < cols)
     offs = r[:, None].to(tl.int64) * cols + c[None, :]
     w = tl.load(w_ptr + offs, mask=inside, other=0.0)
@@ -37,7 +42,8 @@ def _mask_kernel(
     keep = (tl.abs(w) > t[:, None]) & inside  # in the weight's dtype, as the reference compares
     if WRITE:
         tl.store(out_ptr + offs, w * keep.to(w.dtype), mask=inside)
-    tl.atomic_add(count_ptr, tl.sum(keep.to(tl.int32)))  # integer: exact, order-free
+    # Integer: exact and order-free; int64, so a weight of 2**31 elements or more counts right.
+    tl.atomic_add(count_ptr, tl.sum(keep.to(tl.int32)).to(tl.int64))
 
 
 @triton.jit
@@ -55,8 +61,10 @@ def _reset_kernel(t_ptr, count_ptr, rows, limit, BLOCK: tl.constexpr):
 def _weight_grad_kernel(
     g_ptr, w_ptr, t_ptr, dw_ptr, part_ptr, rows, cols, ACC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
 ):
-    pid_c = tl.program_id(1)
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(cols, BC)
+    pid_c = pid % col_blocks
+    r = (pid // col_blocks) * BR + tl.arange(0, BR)
     c = pid_c * BC + tl.arange(0, BC)
     inside = (r[:, None] < rows) & (c[None, :] < cols)
     offs = r[:, None].to(tl.int64) * cols + c[None, :]
@@ -71,13 +79,26 @@ def _weight_grad_kernel(
     tl.store(part_ptr + pid_c.to(tl.int64) * rows + r, -tl.sum(g * w * h, axis=1), mask=r < rows)
 
 
-def _grid(rows, cols):
-    return (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+def _blocks(rows: int, cols: int) -> tuple[int, int]:
+    """(row blocks, column blocks) of a ``rows x cols`` weight."""
+    return triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C)
+
+
+def _grid(rows: int, cols: int) -> tuple[int]:
+    """The 1-D launch grid of the elementwise kernels: one program per (row, column) block."""
+    row_blocks, col_blocks = _blocks(rows, cols)
+    programs = row_blocks * col_blocks
+    if programs > MAX_PROGRAMS:
+        raise ValueError(
+            f"weight of shape [{rows}, {cols}] needs {programs} Triton programs, more than a "
+            f"CUDA grid holds ({MAX_PROGRAMS}); use backend='native' for weights this large"
+        )
+    return (programs,)
 
 
 def _count(weight2d: torch.Tensor, threshold: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     rows, cols = weight2d.shape
-    count = torch.zeros(1, dtype=torch.int32, device=weight2d.device)
+    count = torch.zeros(1, dtype=torch.int64, device=weight2d.device)
     wrap_triton(_mask_kernel)[_grid(rows, cols)](
         weight2d,
         threshold,
@@ -125,7 +146,10 @@ def _weight_grad_op(
     grid = _grid(rows, cols)
     grad_w = torch.empty_like(w2)
     wide = weight.dtype == torch.float64  # float64 stays float64; others compute in float32
-    partial = torch.empty((grid[1], rows), dtype=torch.float64 if wide else torch.float32, device=w2.device)
+    col_blocks = _blocks(rows, cols)[1]  # every program writes its partial: no stale rows
+    partial = torch.empty(
+        (col_blocks, rows), dtype=torch.float64 if wide else torch.float32, device=w2.device
+    )
     acc = tl.float64 if wide else tl.float32
     wrap_triton(_weight_grad_kernel)[grid](
         g2, w2, threshold, grad_w, partial, rows, cols, ACC=acc, BR=BLOCK_R, BC=BLOCK_C
