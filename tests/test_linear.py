@@ -72,10 +72,17 @@ def test_opcheck_dst_linear(min_density):
 
 # ----------------------------------------------------------------------------- triton
 
-TRITON = pytest.mark.skipif(
+_TRITON_SKIP = pytest.mark.skipif(
     "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
     reason="triton is not installed",
 )
+
+
+def TRITON(test):
+    """A Triton test: on the GPU where there is one (marker cuda), else in the interpreter."""
+    return pytest.mark.cuda(_TRITON_SKIP(test))
+
+
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -10,10 +10,14 @@ from conftest import assert_close_rel, make_case, rederive, row_length, tol_for
 import dst_kernels as dst
 from dst_kernels import reference as ref
 
-pytestmark = pytest.mark.skipif(
-    "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
-    reason="triton is not installed",
-)
+# On a GPU machine these run on the GPU (marker cuda); elsewhere in the Triton interpreter.
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
+        reason="triton is not installed",
+    ),
+]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = [

@@ -19,10 +19,17 @@ mask_mod = importlib.import_module("dst_kernels.triton.mask")
 linear_mod = importlib.import_module("dst_kernels.triton.linear")
 conv_mod = importlib.import_module("dst_kernels.triton.conv")
 
-TRITON = pytest.mark.skipif(
+_TRITON_SKIP = pytest.mark.skipif(
     "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
     reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU",
 )
+
+
+def TRITON(test):
+    """A Triton test: on the GPU where there is one (marker cuda), else in the interpreter."""
+    return pytest.mark.cuda(_TRITON_SKIP(test))
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -181,7 +181,7 @@ def _igemm_op(
         dilation[0],
         dilation[1],
         HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_precision(x.dtype, conv=True),
         ACC=_acc(x.dtype),
     )
     return y

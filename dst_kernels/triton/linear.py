@@ -254,10 +254,15 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
+def _precision(dtype: torch.dtype, conv: bool = False) -> str:
+    """``tl.dot``'s input precision: TF32 for float32 exactly where PyTorch's own kernel would use
+    it (cuBLAS: ``torch.backends.cuda.matmul.allow_tf32``, i.e. ``set_float32_matmul_precision``;
+    cuDNN convolutions: ``torch.backends.cudnn.allow_tf32``), so every backend follows the same
+    switches. The interpreter computes in full precision."""
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allowed else "ieee"
 
 
 @triton_op("dst_kernels::triton_linear", mutates_args=())
