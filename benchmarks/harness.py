@@ -167,6 +167,66 @@ def make_step(layer: nn.Module, x: torch.Tensor, case: Case) -> Callable[[], Non
     return run
 
 
+def _paper_mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The official code's forward: P = W * (|W| - t > 0), as separate elementwise ops."""
+    return weight * ((weight.abs() - threshold.view(-1, 1)) > 0).to(weight.dtype)
+
+
+def _paper_weight_grad(grad: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor):
+    """The official code's backward of P = W * step(|W| - t) through its autograd function."""
+    from benchmarks.baselines import _BinaryStep
+
+    w = weight.detach().requires_grad_(True)
+    t = threshold.detach().requires_grad_(True)
+    p = w * _BinaryStep.apply(w.abs() - t.view(-1, 1))
+    return torch.autograd.grad(p, (w, t), grad)
+
+
+def op_target(impl: str, op: str) -> Callable:
+    """The function that ``impl`` runs for the ``mask`` / ``weight_grad`` op family."""
+    if impl == "paper":
+        return _paper_mask if op == "mask" else _paper_weight_grad
+    if impl == "reference":
+        return dst.reference.masked_weight if op == "mask" else dst.reference.weight_grad
+    if op == "mask":  # the backend's own implementation, below the dispatcher's checks
+        from dst_kernels import functional as DF
+
+        return DF._backend_impl(impl).masked_weight
+    if impl == "native":
+        return torch.ops.dst_kernels.dst_weight_grad
+    if impl == "triton":
+        import dst_kernels.triton  # noqa: F401  (registers the Triton ops)
+
+        return torch.ops.dst_kernels.triton_weight_grad
+    raise ValueError(f"no {op} implementation named {impl!r}")
+
+
+def impl_target(impl: str, case: Case):
+    """What ``impl`` resolves to for ``case``: the op function, or the layer's type and backend."""
+    if case.op in ("mask", "weight_grad"):
+        return op_target(impl, case.op)
+    layer = build_layer(impl, _tiny(case))
+    return type(layer), getattr(layer, "backend", None), getattr(layer, "sync", None)
+
+
+def _tiny(case: Case) -> Case:
+    """``case`` with tiny shapes (for resolving what an implementation runs, not for timing)."""
+    tiny = {"linear": (2, 3, 4), "conv2d": (1, 2, 5, 5, 3, 3), "lstm": (1, 2, 3, 4)}[case.op]
+    return Case(case.op, tiny, case.dtype, case.mode, case.device)
+
+
+def check_distinct(case: Case, impls: list[str]) -> None:
+    """Every record must time the implementation it names: two names, one callable, is an error."""
+    seen: dict = {}
+    for impl in impls:
+        target = impl_target(impl, case)
+        if target in seen:
+            raise RuntimeError(
+                f"benchmark {case.op}: implementations {seen[target]!r} and {impl!r} both run {target}"
+            )
+        seen[target] = impl
+
+
 def _op_step(impl: str, case: Case) -> Callable[[], None]:
     """The mask (forward) and weight_grad (backward) op families, outside any layer."""
     rows, cols = case.shape
@@ -174,27 +234,12 @@ def _op_step(impl: str, case: Case) -> Callable[[], None]:
     weight = (torch.randn(rows, cols, generator=g) * 0.05).to(case.device, case.dtype)
     threshold = _keep_tenth(weight)
     grad = torch.randn(rows, cols, generator=g).to(case.device, case.dtype)
+    fn = op_target(impl, case.op)
     if case.op == "mask":
-        if impl == "paper":
-            return lambda: weight * ((weight.abs() - threshold.view(-1, 1)) > 0).to(weight.dtype)
-        if impl == "reference":
-            return lambda: dst.reference.masked_weight(weight, threshold)
-        return lambda: dst.functional.masked_weight(weight, threshold, backend=impl)
-    # weight_grad: dW and dt given dL/dP
-    if impl == "paper":
-        from benchmarks.baselines import _BinaryStep
-
-        w = weight.clone().requires_grad_(True)
-        t = threshold.clone().requires_grad_(True)
-
-        def run():
-            p = w * _BinaryStep.apply(w.abs() - t.view(-1, 1))
-            torch.autograd.grad(p, (w, t), grad)
-
-        return run
-    if impl == "reference":
-        return lambda: dst.reference.weight_grad(grad, weight, threshold)
-    return lambda: torch.ops.dst_kernels.dst_weight_grad(grad, weight, threshold)
+        if impl in ("paper", "reference"):
+            return lambda: fn(weight, threshold)
+        return lambda: fn(weight, threshold, None)  # a backend's masked_weight: reset rule off
+    return lambda: fn(grad, weight, threshold)  # dW and dt given dL/dP
 
 
 def build_step(impl: str, case: Case) -> Callable[[], None]:
@@ -261,6 +306,7 @@ def measure(
 ) -> list[dict]:
     """Interleaved medians for every implementation of ``case``: a record per implementation."""
     inner = inner or default_inner(case)
+    check_distinct(case, impls)
     steps, peaks, syncs = {}, {}, {}
     for impl in impls:
         if case.device == "cuda":

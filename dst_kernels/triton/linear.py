@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -47,9 +49,21 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def _max_configs() -> int:
+    """``DST_KERNELS_TRITON_MAX_CONFIGS=N`` autotunes over the first N configs only (the tests
+    use 1: on a GPU every config is compiled for every specialization); unset: all of them."""
+    value = os.environ.get("DST_KERNELS_TRITON_MAX_CONFIGS", "")
+    if not value:
+        return 1 << 30
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DST_KERNELS_TRITON_MAX_CONFIGS must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _configs():
     if interpreting():  # the interpreter cannot benchmark: one config
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
+    # Largest tiles first: the order in which DST_KERNELS_TRITON_MAX_CONFIGS keeps them.
     return [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
@@ -60,7 +74,7 @@ def _configs():
             (32, 64, 64, 4, 4),
             (16, 64, 128, 4, 4),
         ]
-    ]
+    ][: _max_configs()]
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
