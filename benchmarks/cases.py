@@ -1,4 +1,10 @@
-"""Benchmark cases per machine size."""
+"""Benchmark cases per machine size.
+
+Sizes: ``smoke`` (tiny, for the test suite), ``cpu`` (the default on a CPU: a few
+minutes on 2 cores), ``cpu-full`` (the whole CPU table: the batch-128 conv layers),
+``gpu-quick`` (the GPU round: bf16 and fp32, the targets' shapes, about 3 minutes on an
+H100), ``gpu`` (the default on a GPU: every shape and dtype).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,12 @@ from benchmarks.harness import Case
 # (tokens, in_features, out_features)
 LINEAR = {
     "smoke": [(3, 7, 5)],
-    "cpu": [(64, 784, 300), (64, 300, 100), (256, 1024, 1024), (1024, 4096, 1024)],
+    "cpu": [(64, 784, 300), (64, 300, 100), (256, 1024, 1024)],
+    "cpu-full": [(64, 784, 300), (64, 300, 100), (256, 1024, 1024), (1024, 4096, 1024)],
+    "gpu-quick": [(4096, 4096, 4096), (8192, 4096, 4096)],
     "gpu": [
         (64, 784, 300),
+        (4096, 4096, 4096),
         (8192, 4096, 4096),
         (4096, 4096, 11008),
         (16, 4096, 4096),
@@ -36,27 +45,50 @@ _CONV_3X3 = [
 ]
 CONV2D = {
     "smoke": [(2, 3, 5, 5, 4, 3)],
-    "cpu": [(64, 20, 12, 12, 50, 5), *_CONV_3X3],
+    # LeNet-5's second conv, and VGG-16's 128@16x16 layer at batch 32
+    "cpu": [(64, 20, 12, 12, 50, 5), (32, 128, 16, 16, 128, 3)],
+    "cpu-full": [(64, 20, 12, 12, 50, 5), *_CONV_3X3],
+    # VGG-16 64@32, ResNet-50 64@56 and 256@14
+    "gpu-quick": [(128, 64, 32, 32, 64, 3), (128, 64, 56, 56, 64, 3), (128, 256, 14, 14, 256, 3)],
     "gpu": _CONV_3X3,
 }
 # (batch, steps, input, hidden): the hidden sizes of the paper's MNIST LSTM-a / LSTM-b, 2 layers
 LSTM = {
     "smoke": [(2, 3, 4, 5)],
-    "cpu": [(100, 28, 28, 128), (100, 28, 28, 256)],
+    "cpu": [(100, 28, 28, 128)],
+    "cpu-full": [(100, 28, 28, 128), (100, 28, 28, 256)],
+    "gpu-quick": [(100, 28, 28, 256)],
     "gpu": [(100, 28, 28, 128), (100, 28, 28, 256), (128, 64, 1024, 1024)],
 }
 # (rows, cols) of a weight: the op families on their own
 OP_SHAPES = {
     "smoke": [(7, 13)],
     "cpu": [(300, 784), (1024, 4096)],
+    "cpu-full": [(300, 784), (1024, 4096)],
+    "gpu-quick": [(4096, 4096)],
     "gpu": [(300, 784), (4096, 4096), (11008, 4096)],
 }
 DTYPES = {
     "smoke": [torch.float32],
     "cpu": [torch.float32],
+    "cpu-full": [torch.float32],
+    "gpu-quick": [torch.bfloat16, torch.float32],
     "gpu": [torch.bfloat16, torch.float16, torch.float32],
 }
-MODES = {"smoke": ["forward", "backward", "step"], "cpu": ["step", "forward"], "gpu": ["step", "forward"]}
+MODES = {
+    "smoke": ["forward", "backward", "step"],
+    "cpu": ["step", "forward"],
+    "cpu-full": ["step", "forward"],
+    "gpu-quick": ["step"],
+    "gpu": ["step", "forward"],
+}
+SIZES = tuple(MODES)
+
+
+def device_for(size: str) -> str:
+    return "cuda" if size.startswith("gpu") else "cpu"
+
+
 # The op families have one natural mode each.
 OP_MODE = {"mask": "forward", "weight_grad": "backward"}
 

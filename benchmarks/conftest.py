@@ -1,6 +1,6 @@
 """pytest-benchmark configuration: machine size, and the report written at the end.
 
-    pytest benchmarks [--bench-size smoke|cpu|gpu] [--bench-out bench-results]
+    pytest benchmarks [--bench-size smoke|cpu|cpu-full|gpu-quick|gpu] [--bench-out bench-results]
 
 Each benchmark test measures every implementation of one case, interleaved (see
 harness.py), and also hands the fastest of ours to pytest-benchmark's own timer.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.cases import cases_for
+from benchmarks.cases import SIZES, cases_for, device_for
 from benchmarks.run import write_results
 
 _RECORDS: list[dict] = []
@@ -21,7 +21,7 @@ _RECORDS: list[dict] = []
 
 def pytest_addoption(parser):
     group = parser.getgroup("dst_kernels benchmarks")
-    group.addoption("--bench-size", choices=["smoke", "cpu", "gpu"], default=None)
+    group.addoption("--bench-size", choices=SIZES, default=None)
     group.addoption("--bench-out", default="bench-results")
     group.addoption("--bench-threads", type=int, default=2)
 
@@ -38,8 +38,7 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         op = metafunc.module.OP
         size = _size(metafunc.config)
-        device = "cuda" if size == "gpu" else "cpu"
-        cases = cases_for(size, device, [op])
+        cases = cases_for(size, device_for(size), [op])
         ids = [f"{c.mode}-{c.dtype_name}-{'x'.join(map(str, c.shape))}" for c in cases]
         metafunc.parametrize("case", cases, ids=ids)
 
@@ -57,4 +56,4 @@ def bench_records() -> list[dict]:
 def pytest_sessionfinish(session, exitstatus):
     if _RECORDS:
         size = _size(session.config)
-        write_results(_RECORDS, session.config.getoption("--bench-out"), "cuda" if size == "gpu" else "cpu")
+        write_results(_RECORDS, session.config.getoption("--bench-out"), device_for(size))

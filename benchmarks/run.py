@@ -3,8 +3,8 @@
     python -m benchmarks.run --size cpu [--ops linear] [--out bench-results]
     python -m benchmarks.run --compare OLD.json [--out bench-results]
 
-``--size`` picks the case list: ``smoke`` (tiny, for the test suite), ``cpu`` (a
-subset that finishes in minutes on 2 cores), ``gpu`` (the full set). With
+``--size`` picks the case list (``benchmarks/cases.py``): ``smoke``, ``cpu``,
+``cpu-full``, ``gpu-quick`` or ``gpu``. With
 ``--compare``, every ours/dense ratio that got more than 10 % worse than in
 OLD.json is listed and the exit status is 1.
 """
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from benchmarks.cases import cases_for
+from benchmarks.cases import SIZES, cases_for, device_for
 from benchmarks.harness import available_impls, measure
 from benchmarks.report import compare, write_chart, write_report
 
@@ -58,7 +58,7 @@ def write_results(records: list[dict], out: str, device: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["smoke", "cpu", "gpu"], default=None)
+    p.add_argument("--size", choices=SIZES, default=None)
     p.add_argument("--ops", default=None, help="comma-separated op families (default: all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--rounds", type=int, default=None)
@@ -67,14 +67,23 @@ def main(argv=None) -> int:
     p.add_argument(
         "--no-run", action="store_true", help="with --compare: compare OUT/results.json, run nothing"
     )
+    p.add_argument("--list", action="store_true", help="print the cases and implementations, run nothing")
     args = p.parse_args(argv)
+    if args.list:
+        size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
+        ops = args.ops.split(",") if args.ops else None
+        cases = cases_for(size, device_for(size), ops)
+        for case in cases:
+            print(f"{case.op} {case.mode} {'x'.join(map(str, case.shape))} {case.dtype_name}")
+        print(f"{len(cases)} cases at size {size!r}")
+        return 0
     if args.no_run:
         if not args.compare:
             p.error("--no-run needs --compare")
         with open(os.path.join(args.out, "results.json")) as f:
             return _report_compare(args.compare, json.load(f))
     size = args.size or ("gpu" if torch.cuda.is_available() else "cpu")
-    device = "cuda" if size == "gpu" else "cpu"
+    device = device_for(size)
     torch.set_num_threads(args.threads)
     ops = args.ops.split(",") if args.ops else None
     rounds = args.rounds or (3 if size == "smoke" else 9)

@@ -90,3 +90,57 @@ def test_compare_flags_a_worse_ratio(tmp_path):
     assert compare(results(1.0), results(1.05)) == []
     worse = compare(results(1.0), results(1.2))
     assert any("native/dense" in w for w in worse) and any("paper/native" in w for w in worse)
+
+
+def test_every_record_times_the_implementation_it_names():
+    """No two implementation names of a case resolve to the same callable (the triton
+    weight-grad record used to time the native op)."""
+    from benchmarks.cases import cases_for
+    from benchmarks.harness import available_impls, check_distinct, impl_target
+
+    for case in cases_for("smoke", "cpu"):
+        impls = available_impls(case)
+        check_distinct(case, impls)
+        targets = [impl_target(i, case) for i in impls]
+        assert len(set(targets)) == len(impls), (case.op, impls, targets)
+    if "native" in dst.available_backends("cpu"):
+        import torch
+
+        weight_grad = next(c for c in cases_for("smoke", "cpu") if c.op == "weight_grad")
+        assert impl_target("native", weight_grad) is torch.ops.dst_kernels.dst_weight_grad
+        if "triton" in dst.available_backends("cpu"):
+            assert impl_target("triton", weight_grad) is torch.ops.dst_kernels.triton_weight_grad
+
+
+def test_two_names_for_one_callable_is_an_error(monkeypatch):
+    import pytest
+
+    from benchmarks import harness
+    from benchmarks.cases import cases_for
+
+    case = next(c for c in cases_for("smoke", "cpu") if c.op == "weight_grad")
+    monkeypatch.setattr(harness, "op_target", lambda impl, op: "the same kernel")
+    with pytest.raises(RuntimeError, match="'paper' and 'reference' both run the same kernel"):
+        harness.check_distinct(case, ["paper", "reference"])
+
+
+def test_gpu_round_dry_run(tmp_path):
+    """The GPU round's dry run works on a CPU machine: steps, selected tests, benchmark cases."""
+    import shutil
+
+    bash = shutil.which("bash")
+    env = dict(os.environ, DRY_COUNT="0", PYTHON=sys.executable)
+    proc = subprocess.run(
+        [bash, "benchmarks/gpu_round.sh", "--dry-run", str(tmp_path / "round")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "DST_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16" in out
+    assert "-m cuda" in out and "--bench-size gpu-quick" in out
+    assert "tests collected" in out and "cases at size 'gpu-quick'" in out
+    assert (tmp_path / "round" / "round.log").read_text().count("gpu_round:") >= 5
