@@ -15,8 +15,17 @@ from dst_kernels import (
     functional,
     reference,
 )
+from dst_kernels.convert import plan_sparsify, register_layer, sparsify
 from dst_kernels.functional import available_backends
-from dst_kernels.nn import DSTLSTM, DSTConv2d, DSTLinear, is_dst_layer, sparsify, sparsity_loss
+from dst_kernels.nn import (
+    DSTGRU,
+    DSTLSTM,
+    DSTConv2d,
+    DSTLinear,
+    is_dst_layer,
+    sparsity_loss,
+    threshold_parameters,
+)
 from dst_kernels.report import sparsity_report
 
 __version__ = "0.1.0"
@@ -25,12 +34,16 @@ __all__ = [
     "DSTConv2d",
     "DSTLinear",
     "DSTLSTM",
+    "DSTGRU",
     "available_backends",
     "export",
     "functional",
     "is_dst_layer",
+    "plan_sparsify",
+    "register_layer",
     "reference",
     "sparsify",
     "sparsity_loss",
     "sparsity_report",
+    "threshold_parameters",
 ]

@@ -8,7 +8,10 @@ of shape ``[out]`` (initialised to 0); the forward uses ``W * (|W| > t)``.
 
 from __future__ import annotations
 
-import fnmatch
+import copy
+import warnings
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -16,26 +19,46 @@ from torch import nn
 
 from dst_kernels import functional as DF
 
-__all__ = ["DSTLinear", "DSTConv2d", "DSTLSTM", "DSTLayer", "sparsify", "is_dst_layer"]
+__all__ = [
+    "DSTLinear",
+    "DSTConv2d",
+    "DSTLSTM",
+    "DSTGRU",
+    "DSTLayer",
+    "DSTStateDictWarning",
+    "sparsify",
+    "is_dst_layer",
+    "sparsity_loss",
+    "threshold_parameters",
+]
 
 
 class DSTLayer:
     """What every DST layer has: thresholds, the reset rule, mask/density, dense conversion.
 
-    A subclass lists its ``(weight_name, threshold_name)`` pairs in ``_dst_pairs``.
+    A subclass lists its ``(weight_name, threshold_name)`` pairs in ``_dst_pairs``;
+    ``_dst_base`` is the plain PyTorch class it computes like (what ``fold`` turns it
+    back into). Masks are per output row: along axis 0 of each weight unless
+    ``_dst_axes`` names another axis for it (e.g. 1 for a ``[in, out]`` weight).
     """
 
     _dst_pairs: tuple[tuple[str, str], ...] = (("weight", "threshold"),)
+    _dst_axes: dict[str, int] = {}
+    _dst_base: type = nn.Module
 
     def _init_dst(self, min_density, backend):
         self.min_density = DF.check_min_density(min_density)
         self.backend = DF.check_backend_name(backend)
 
-    def _new_threshold(self, weight: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype))
+    def _new_threshold(self, weight: torch.Tensor, axis: int = 0) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(weight.shape[axis], device=weight.device, dtype=weight.dtype))
 
     def thresholds(self) -> list[nn.Parameter]:
         return [getattr(self, t) for _, t in self._dst_pairs]
+
+    def dense_weight(self, name: str = "weight") -> nn.Parameter:
+        """The Parameter ``W`` behind a masked weight (unmasked; what the optimiser updates)."""
+        return self._parameters[name]
 
     def _reset_bound(self) -> float | None:
         """``min_density`` in training mode (the reset rule applies), else None."""
@@ -44,7 +67,17 @@ class DSTLayer:
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:
         """Boolean mask per masked weight, keyed by the weight's name (no host sync)."""
-        return {w: DF.mask(getattr(self, w), getattr(self, t)) for w, t in self._dst_pairs}
+        return {
+            w: _mask_along(self._parameters[w], getattr(self, t), self._dst_axes.get(w, 0))
+            for w, t in self._dst_pairs
+        }
+
+    def mask(self) -> torch.Tensor:
+        """Boolean mask shaped like the masked weight (no host sync); ``masks()`` when there are several."""
+        if len(self._dst_pairs) != 1:
+            names = ", ".join(w for w, _ in self._dst_pairs)
+            raise ValueError(f"{type(self).__name__} masks several weights ({names}): use masks()")
+        return self.masks()[self._dst_pairs[0][0]]
 
     @torch.no_grad()
     def kept(self) -> torch.Tensor:
@@ -52,12 +85,40 @@ class DSTLayer:
         return sum(m.sum() for m in self.masks().values())
 
     def total(self) -> int:
-        return sum(getattr(self, w).numel() for w, _ in self._dst_pairs)
+        return sum(self._parameters[w].numel() for w, _ in self._dst_pairs)
 
     @torch.no_grad()
     def density(self) -> torch.Tensor:
         """Kept fraction over all masked weights, a 0-dim float32 tensor (no host sync)."""
         return self.kept().float() / self.total()
+
+    def register_parameter(self, name: str, param) -> None:
+        # A new Parameter assigned to a masked weight would be re-masked by the old
+        # thresholds (torch.nn.utils.fuse_conv_bn_eval does that: it rescales the weights).
+        params = self.__dict__.get("_parameters")
+        if (
+            params is not None
+            and params.get(name) is not None
+            and param is not params[name]
+            and any(w == name for w, _ in self._dst_pairs)
+            and not self.__dict__.get("_dst_assigning", False)
+        ):
+            raise RuntimeError(
+                f"cannot assign a new Parameter to {name!r} of the DST layer {type(self).__name__}: "
+                f"its thresholds would mask the new values (this is what "
+                f"torch.nn.utils.fuse_conv_bn_eval does to a DST conv). Fold the model first "
+                f"(dst.export.fold(model)) and work on the plain layers, or change the values in "
+                f"place (with torch.no_grad(): layer.dense_weight({name!r}).copy_(new))."
+            )
+        super().register_parameter(name, param)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            key = prefix[:-1]
+            weights = [w for w, _ in self._dst_pairs]
+            metadata[key] = _DSTStateMetadata(metadata.get(key, {}), prefix, weights, metadata)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
         # A dense layer's state dict has no thresholds: load it with thresholds at 0.
@@ -65,10 +126,107 @@ class DSTLayer:
             key = prefix + t
             if key not in state_dict:
                 state_dict[key] = torch.zeros_like(getattr(self, t))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+        local_metadata = dict(local_metadata)  # a plain dict: a DST layer loading DST state is fine
+        self.__dict__["_dst_assigning"] = bool(local_metadata.get("assign_to_params_buffers", False))
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+        finally:
+            self.__dict__.pop("_dst_assigning", None)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile the DST layer {type(self).__name__} (its forward "
+            f"calls dst_kernels' Python dispatch and custom autograd). Use torch.compile or "
+            f"torch.export instead, or script the folded plain model: "
+            f"torch.jit.script(dst.export.fold(model).eval())."
+        )
+
+    @torch.no_grad()
+    def _dst_unmask_(self) -> nn.Module:
+        """In place: weights become ``W * M``, thresholds and DST state go, the class becomes
+        ``_dst_base`` again (hooks, Parameter objects and sharing stay). Used by ``fold`` on a copy."""
+        masks = self.masks()
+        pairs = self._dst_pairs
+        for w, t in pairs:
+            self._parameters[w].mul_(masks[w])
+            del self._parameters[t]
+        for attr in ("min_density", "backend", "_dst_pairs"):
+            self.__dict__.pop(attr, None)
+        self.__class__ = self._dst_base
+        return self
+
+    def _folded_copy(self) -> nn.Module:
+        return copy.deepcopy(self)._dst_unmask_()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, min_density={self.min_density}, backend={self.backend!r}"
+
+
+class DSTStateDictWarning(UserWarning):
+    """A DST layer's state (dense ``W``, thresholds) is being loaded into a plain module."""
+
+
+class _DSTStateMetadata(dict):
+    """State-dict metadata of a DST layer. A plain module that loads these entries reads
+    ``assign_to_params_buffers`` from it (a DST layer reads a plain copy): then warn, once
+    for the whole state dict, that it gets ``W``, not ``W * M``. Pickles as an OrderedDict."""
+
+    def __init__(self, data, prefix: str, weights: list[str], parent=None):
+        super().__init__(data)
+        self._dst_names = [prefix + w for w in weights]
+        self._dst_parent = weakref.ref(parent) if parent is not None else None
+        self._dst_warned = False
+
+    def get(self, key, default=None):
+        if key == "assign_to_params_buffers" and not self._dst_warned:
+            parent = self._dst_parent() if self._dst_parent is not None else None
+            group = [v for v in parent.values() if isinstance(v, _DSTStateMetadata)] if parent else [self]
+            names = [n for v in group for n in v._dst_names]
+            for v in group:
+                v._dst_warned = True
+            shown = ", ".join(map(repr, names[:4])) + (
+                f" and {len(names) - 4} more" if len(names) > 4 else ""
+            )
+            warnings.warn(
+                f"load_state_dict: {shown} come from DST layers: they hold the dense weights W, not "
+                f"the masked W * M the layers compute with, and their thresholds are not loaded. "
+                f"To load the trained function into a plain model use "
+                f"dst.export.dense_state_dict(model) (or dst.export.fold(model).state_dict()).",
+                DSTStateDictWarning,
+                stacklevel=4,
+            )
+        return super().get(key, default)
+
+    def __reduce_ex__(self, protocol):
+        # As an OrderedDict (what weights_only loading allows), without the subclass.
+        return (OrderedDict, (), None, None, iter(self.items()))
+
+    def __deepcopy__(self, memo):
+        out = _DSTStateMetadata(copy.deepcopy(dict(self), memo), "", [])
+        out._dst_names = list(self._dst_names)
+        return out
+
+
+def _as_rows(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """``weight`` with its output axis first, in a layout the DST ops take."""
+    if axis:
+        weight = weight.movedim(axis, 0)
+    if weight.is_contiguous() or (
+        weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return weight
+    return weight.contiguous()
+
+
+def _mask_along(weight: torch.Tensor, threshold: torch.Tensor, axis: int) -> torch.Tensor:
+    m = DF.mask(_as_rows(weight, axis), threshold)
+    return m.movedim(0, axis) if axis else m
+
+
+def masked_along(weight, threshold, axis: int, backend: str, min_density) -> torch.Tensor:
+    """``W * M`` with one threshold per index of ``axis`` (the output axis), through the fused op."""
+    p = DF.masked_weight(_as_rows(weight, axis), threshold, backend=backend, min_density=min_density)
+    return p.movedim(0, axis) if axis else p
 
 
 def _regulariser(layer: DSTLayer) -> torch.Tensor:
@@ -77,6 +235,8 @@ def _regulariser(layer: DSTLayer) -> torch.Tensor:
 
 class DSTLinear(DSTLayer, nn.Linear):
     """``nn.Linear`` with a trainable per-output-row threshold (SPEC section 3)."""
+
+    _dst_base = nn.Linear
 
     def __init__(
         self,
@@ -94,6 +254,11 @@ class DSTLinear(DSTLayer, nn.Linear):
         self.threshold = self._new_threshold(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # an empty batch: the shape of nn.Linear's answer (the ops reject empty x)
+            p = DF.masked_weight(
+                self.weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
+            )
+            return F.linear(x, p, self.bias)
         return DF.dst_linear(
             x,
             self.weight,
@@ -145,6 +310,8 @@ class DSTLinear(DSTLayer, nn.Linear):
 class DSTConv2d(DSTLayer, nn.Conv2d):
     """``nn.Conv2d`` with a trainable threshold per output channel (SPEC section 3)."""
 
+    _dst_base = nn.Conv2d
+
     def __init__(
         self,
         in_channels: int,
@@ -183,6 +350,11 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if x.numel() == 0:  # an empty batch: the shape of nn.Conv2d's answer (the ops reject empty x)
+            p = DF.masked_weight(
+                self.weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
+            )
+            return F.conv2d(x, p, self.bias, self.stride, padding, self.dilation, self.groups)
         return DF.dst_conv2d(
             x,
             self.weight,
@@ -248,7 +420,43 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
         return out
 
 
-class DSTLSTM(DSTLayer, nn.LSTM):
+class _DSTRNN(DSTLayer):
+    """DST masks for the gate matrices of an ``nn.LSTM`` / ``nn.GRU``.
+
+    Every ``weight_*`` matrix gets a ``threshold_*`` vector of its row count. The masks
+    are computed once per forward, for all layers, and the masked weights run through
+    PyTorch's fused RNN.
+    """
+
+    def _init_rnn_thresholds(self) -> None:
+        pairs = []
+        for w_name in self._flat_weights_names:  # nn.RNNBase's order: per layer and direction
+            if w_name.startswith("weight_"):
+                t_name = "threshold_" + w_name.removeprefix("weight_")
+                self.register_parameter(t_name, self._new_threshold(getattr(self, w_name)))
+                pairs.append((w_name, t_name))
+        self._dst_pairs = tuple(pairs)
+
+    def forward(self, input, hx=None):
+        bound = self._reset_bound()
+        masked = {
+            w: DF.masked_weight(getattr(self, w), getattr(self, t), backend=self.backend, min_density=bound)
+            for w, t in self._dst_pairs
+        }
+        self._update_flat_weights()
+        dense = self._flat_weights
+        self._flat_weights = [masked.get(name, param) for name, param in zip(self._flat_weights_names, dense)]
+        try:
+            return super().forward(input, hx)
+        finally:
+            self._flat_weights = dense
+
+    def flatten_parameters(self) -> None:
+        # The RNN runs on masked copies of the weights; there is nothing to flatten.
+        return None
+
+
+class DSTLSTM(_DSTRNN, nn.LSTM):
     """``nn.LSTM`` whose gate matrices are DST-masked (SPEC section 3).
 
     Every ``weight_ih_l{k}`` / ``weight_hh_l{k}`` (``[4H, *]``) gets a threshold
@@ -258,6 +466,8 @@ class DSTLSTM(DSTLayer, nn.LSTM):
     ``proj_size > 0``. The masks are computed once per forward, for all layers,
     and the masked weights run through PyTorch's fused LSTM.
     """
+
+    _dst_base = nn.LSTM
 
     def __init__(
         self,
@@ -288,31 +498,7 @@ class DSTLSTM(DSTLayer, nn.LSTM):
             dtype=dtype,
         )
         self._init_dst(min_density, backend)
-        pairs = []
-        for w_name in self._flat_weights_names:  # nn.LSTM's order: per layer and direction
-            if w_name.startswith("weight_"):
-                t_name = "threshold_" + w_name.removeprefix("weight_")
-                setattr(self, t_name, self._new_threshold(getattr(self, w_name)))
-                pairs.append((w_name, t_name))
-        self._dst_pairs = tuple(pairs)
-
-    def forward(self, input, hx=None):
-        bound = self._reset_bound()
-        masked = {
-            w: DF.masked_weight(getattr(self, w), getattr(self, t), backend=self.backend, min_density=bound)
-            for w, t in self._dst_pairs
-        }
-        self._update_flat_weights()
-        dense = self._flat_weights
-        self._flat_weights = [masked.get(name, param) for name, param in zip(self._flat_weights_names, dense)]
-        try:
-            return super().forward(input, hx)
-        finally:
-            self._flat_weights = dense
-
-    def flatten_parameters(self) -> None:
-        # The LSTM runs on masked copies of the weights; there is nothing to flatten.
-        return None
+        self._init_rnn_thresholds()
 
     @classmethod
     def from_dense(cls, lstm: nn.LSTM, *, min_density=0.01, backend="auto") -> DSTLSTM:
@@ -359,70 +545,62 @@ class DSTLSTM(DSTLayer, nn.LSTM):
         return out
 
 
+class DSTGRU(_DSTRNN, nn.GRU):
+    """``nn.GRU`` whose gate matrices (``[3H, *]``) are DST-masked, one threshold per row.
+
+    ``sparsify(model, include=(..., nn.GRU))`` converts GRUs to it; it is not one of the
+    paper's layers.
+    """
+
+    _dst_base = nn.GRU
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        min_density: float | None = 0.01,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device=device,
+            dtype=dtype,
+        )
+        self._init_dst(min_density, backend)
+        self._init_rnn_thresholds()
+
+    def to_dense(self) -> nn.GRU:
+        """A plain ``nn.GRU`` whose gate matrices are ``W * M``."""
+        return self._folded_copy()
+
+
 def is_dst_layer(module: nn.Module) -> bool:
     return isinstance(module, DSTLayer)
 
 
-_CONVERTERS = ((nn.LSTM, DSTLSTM), (nn.Conv2d, DSTConv2d), (nn.Linear, DSTLinear))
-
-
-def _excluded(name: str, module: nn.Module, exclude) -> bool:
-    for item in exclude:
-        if isinstance(item, str):
-            if fnmatch.fnmatchcase(name, item):
-                return True
-        elif isinstance(item, type) and isinstance(module, item):
-            return True
-    return False
-
-
-def sparsify(
-    model: nn.Module,
-    *,
-    include=(nn.Linear, nn.Conv2d, nn.LSTM),
-    exclude=(),
-    min_density: float | None = 0.01,
-    backend: str = "auto",
-) -> nn.Module:
-    """Swap ``nn.Linear`` / ``nn.Conv2d`` / ``nn.LSTM`` submodules for DST layers, in place.
-
-    Weights are kept (the new layers hold the same values), thresholds start at
-    0. ``include`` lists the layer types to convert; ``exclude`` holds layer
-    types or qualified-name patterns (``fnmatch``, e.g. ``"classifier.*"``) to
-    leave dense. Returns ``model`` (or the new layer if ``model`` itself is
-    converted).
-    """
-    DF.check_min_density(min_density)
-    DF.check_backend_name(backend)
-    include = tuple(include) if isinstance(include, (tuple, list)) else (include,)
-    exclude = tuple(exclude) if isinstance(exclude, (tuple, list)) else (exclude,)
-    for item in include:
-        if not (isinstance(item, type) and any(issubclass(item, src) for src, _ in _CONVERTERS)):
-            raise TypeError(f"include must hold nn.Linear, nn.Conv2d or nn.LSTM types, got {item!r}")
-    for item in exclude:
-        if not isinstance(item, (str, type)):
-            raise TypeError(f"exclude must hold layer types or name patterns, got {item!r}")
-
-    def convert(name: str, module: nn.Module) -> nn.Module | None:
-        if is_dst_layer(module) or type(module) not in include and not isinstance(module, include):
-            return None
-        if _excluded(name, module, exclude):
-            return None
-        for src, dst_cls in _CONVERTERS:
-            if isinstance(module, src):
-                return dst_cls.from_dense(module, min_density=min_density, backend=backend)
-        return None
-
-    root = convert("", model)
-    if root is not None:
-        return root
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            new = convert(full, child)
-            if new is not None:
-                setattr(module, child_name, new)
-    return model
+def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every DST threshold of ``model`` (each once): add them to an optimiser built before
+    ``sparsify``, e.g. ``opt.add_param_group({"params": threshold_parameters(model)})``."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if is_dst_layer(m):
+            for t in m.thresholds():
+                seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 def sparsity_loss(model: nn.Module) -> torch.Tensor:
@@ -431,3 +609,7 @@ def sparsity_loss(model: nn.Module) -> torch.Tensor:
     if not terms:
         raise ValueError("sparsity_loss: the model has no DST layers (use dst_kernels.sparsify)")
     return sum(terms[1:], terms[0])
+
+
+# sparsify lives in dst_kernels.convert (it builds on the classes above); re-exported here.
+from dst_kernels.convert import sparsify  # noqa: E402
