@@ -214,7 +214,7 @@ class SparsifySummary:
 
     def warnings(self) -> list[SparsifyEntry]:
         """Entries left dense for a reason the caller did not choose (not include/exclude/frozen)."""
-        chosen = ("excluded", "type not in include", "frozen")
+        chosen = ("excluded", "type not in include", "frozen", "embedding table")
         return [e for e in self.dense if not e.reason.startswith(chosen)]
 
     def __str__(self) -> str:
@@ -307,7 +307,10 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
             dense.append(SparsifyEntry(name, type_name, weights, reason=reason))
 
         if rule is None:
-            leave("no masking rule for this type (add one with dst.register_layer)")
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                leave("embedding table: DST masks layer weights (Linear, Conv, RNN), not embeddings")
+            else:
+                leave("no masking rule for this type (add one with dst.register_layer)")
             continue
         if _excluded(name, module, exclude):
             leave("excluded")

@@ -254,7 +254,7 @@ def test_identity_parameters_sharing_hooks_mode_dtype():
     calls = []
     model.block.register_forward_hook(lambda m, i, o: calls.append("fwd"))
     model.out.register_forward_pre_hook(lambda m, i: calls.append("pre"))
-    out = dst.sparsify(model, include_frozen=False)
+    out = dst.sparsify(model)
     assert out is model
     assert model.again is model.block and type(model.block) is dst.DSTLinear
     after = dict(model.named_parameters())
@@ -405,12 +405,13 @@ def test_register_layer_checks_its_arguments():
 
 
 def test_nothing_convertible_is_said(caplog):
-    model = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3))
+    model = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3), nn.Bilinear(3, 3, 2))
     with caplog.at_level(logging.INFO, logger="dst_kernels.sparsify"):
         dst.sparsify(model)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nothing" in warnings[0].getMessage()
-    assert "0 (Embedding: weight): no masking rule" in warnings[0].getMessage()
+    assert "2 (Bilinear: weight): no masking rule for this type" in warnings[0].getMessage()
+    assert "0 (Embedding: weight): embedding table" in warnings[0].getMessage()
 
 
 def test_summary_logged_once_and_as_data(caplog):
@@ -554,3 +555,53 @@ def test_dst_state_dict_into_dense_model_warns():
     torch.save(model.state_dict(), buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True).keys() == model.state_dict().keys()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_masked_attribute_layers_compile_fullgraph():
+    torch._dynamo.reset()
+    eager = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU(), nn.Flatten(), GPT2Conv1D(5, 24))
+    dst.sparsify(eager, include=(nn.Conv1d, GPT2Conv1D))
+    _random_thresholds(eager, 0.0, 0.1)
+    with torch.no_grad():
+        eager[0].threshold.fill_(10.0)  # the reset rule runs inside the compiled graph
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # raises on graph breaks
+    x = torch.randn(2, 3, 8)
+    y_eager, y = eager.train()(x), compiled(x)
+    assert_close_rel(y, y_eager, 1e-6)
+    y_eager.square().sum().backward()
+    y.square().sum().backward()
+    named = dict(model.named_parameters())
+    for name, p in eager.named_parameters():
+        assert torch.equal(named[name].detach(), p.detach()), name
+        assert_close_rel(named[name].grad, p.grad, 1e-5, name)
+    assert torch.equal(model[0].threshold.detach(), torch.zeros(4))
+
+
+def test_fold_state_dict_is_dense_state_dict_and_plain_state_loads():
+    model = ZooNet()
+    plain_state = copy.deepcopy(model.state_dict())
+    dst.sparsify(model, include=ZOO_ALL)
+    _random_thresholds(model)
+    folded, dense = fold(model).state_dict(), dense_state_dict(model)
+    assert list(folded) == list(dense) == list(plain_state)  # the original names, in order
+    for key, value in folded.items():
+        assert torch.equal(dense[key], value), key
+    # A plain state dict loads into the sparsified model, thresholds back to 0.
+    model.load_state_dict(plain_state, strict=True)
+    assert all(torch.equal(t.detach(), torch.zeros_like(t)) for t in dst.threshold_parameters(model))
+    for key, value in plain_state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_second_sparsify_masks_only_what_is_new():
+    model = dst.sparsify(nn.Sequential(nn.Linear(4, 4)))
+    _random_thresholds(model)
+    first, t_first = model[0], model[0].threshold.detach().clone()
+    model.append(nn.Linear(4, 2))
+    summary = dst.plan_sparsify(model)
+    assert [(e.name, e.how) for e in summary.converted] == [("0", "(already DST)"), ("1", "(fused layer)")]
+    dst.sparsify(model)
+    assert model[0] is first and torch.equal(model[0].threshold.detach(), t_first)
+    assert type(model[1]) is dst.DSTLinear
