@@ -15,6 +15,7 @@ from dst_kernels import (
     functional,
     reference,
 )
+from dst_kernels.controller import DensityController
 from dst_kernels.convert import plan_sparsify, register_layer, sparsify
 from dst_kernels.functional import available_backends
 from dst_kernels.nn import (
@@ -31,6 +32,7 @@ from dst_kernels.report import sparsity_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "DensityController",
     "DSTConv2d",
     "DSTLinear",
     "DSTLSTM",

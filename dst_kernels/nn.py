@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dst_kernels import functional as DF
+from dst_kernels.regulariser import threshold_penalty
 
 __all__ = [
     "DSTLinear",
@@ -155,7 +156,8 @@ class DSTLayer:
         self.__class__ = self._dst_base
         return self
 
-    def _folded_copy(self) -> nn.Module:
+    def to_dense(self) -> nn.Module:
+        """A plain copy (``nn.Linear``, ``nn.Conv2d``, ``nn.LSTM``, ... : ``_dst_base``) with ``W * M``."""
         return copy.deepcopy(self)._dst_unmask_()
 
     def extra_repr(self) -> str:
@@ -230,7 +232,7 @@ def masked_along(weight, threshold, axis: int, backend: str, min_density) -> tor
 
 
 def _regulariser(layer: DSTLayer) -> torch.Tensor:
-    return sum(torch.exp(-t).sum() for t in layer.thresholds())
+    return sum(threshold_penalty(t) for t in layer.thresholds())
 
 
 class DSTLinear(DSTLayer, nn.Linear):
@@ -268,10 +270,6 @@ class DSTLinear(DSTLayer, nn.Linear):
             min_density=self._reset_bound(),
         )
 
-    def mask(self) -> torch.Tensor:
-        """Boolean mask shaped like ``weight`` (no host sync)."""
-        return self.masks()["weight"]
-
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, min_density=0.01, backend="auto") -> DSTLinear:
         """A DSTLinear sharing nothing with ``linear`` but holding copies of its weights."""
@@ -288,23 +286,6 @@ class DSTLinear(DSTLayer, nn.Linear):
         layer.load_state_dict(linear.state_dict())
         layer.train(linear.training)
         return layer
-
-    @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
-        """A plain ``nn.Linear`` whose weight is ``W * M``."""
-        w = self.weight
-        out = nn.Linear(
-            self.in_features,
-            self.out_features,
-            self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        out.weight.copy_(w * self.mask())
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        out.train(self.training)
-        return out
 
 
 class DSTConv2d(DSTLayer, nn.Conv2d):
@@ -368,10 +349,6 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
             min_density=self._reset_bound(),
         )
 
-    def mask(self) -> torch.Tensor:
-        """Boolean mask shaped like ``weight`` (no host sync)."""
-        return self.masks()["weight"]
-
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, min_density=0.01, backend="auto") -> DSTConv2d:
         w = conv.weight
@@ -395,29 +372,6 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
             layer.to(memory_format=torch.channels_last)
         layer.train(conv.training)
         return layer
-
-    @torch.no_grad()
-    def to_dense(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` whose weight is ``W * M``."""
-        w = self.weight
-        out = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        out.weight.copy_(w * self.mask())
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-        out.train(self.training)
-        return out
 
 
 class _DSTRNN(DSTLayer):
@@ -521,29 +475,6 @@ class DSTLSTM(_DSTRNN, nn.LSTM):
         layer.train(lstm.training)
         return layer
 
-    @torch.no_grad()
-    def to_dense(self) -> nn.LSTM:
-        """A plain ``nn.LSTM`` whose gate matrices are ``W * M``."""
-        w = self.weight_ih_l0
-        out = nn.LSTM(
-            self.input_size,
-            self.hidden_size,
-            self.num_layers,
-            bias=self.bias,
-            batch_first=self.batch_first,
-            dropout=self.dropout,
-            bidirectional=self.bidirectional,
-            proj_size=self.proj_size,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        masks = self.masks()
-        for name, param in out.named_parameters():
-            src = getattr(self, name)
-            param.copy_(src * masks[name] if name in masks else src)
-        out.train(self.training)
-        return out
-
 
 class DSTGRU(_DSTRNN, nn.GRU):
     """``nn.GRU`` whose gate matrices (``[3H, *]``) are DST-masked, one threshold per row.
@@ -582,10 +513,6 @@ class DSTGRU(_DSTRNN, nn.GRU):
         )
         self._init_dst(min_density, backend)
         self._init_rnn_thresholds()
-
-    def to_dense(self) -> nn.GRU:
-        """A plain ``nn.GRU`` whose gate matrices are ``W * M``."""
-        return self._folded_copy()
 
 
 def is_dst_layer(module: nn.Module) -> bool:
