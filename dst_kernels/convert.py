@@ -272,6 +272,12 @@ def _weight_bearing(module: nn.Module) -> list[str]:
     return [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
 
 
+def _any_nonzero(p: torch.Tensor) -> torch.Tensor:
+    if p.is_meta:  # not materialised yet (weights loaded later): nothing to check
+        return torch.ones((), dtype=torch.bool)
+    return p.ne(0).any().cpu()
+
+
 def _plan(model, include, exclude, min_density, backend, include_frozen):
     include, exclude = _check_args(include, exclude, min_density, backend)
     owners: dict[int, list[str]] = {}
@@ -358,10 +364,9 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
     # All-zero weights: |0| > 0 is false and their estimator gradient is 0, so they never train.
     if todo:
         with torch.no_grad():
-            nonzero = [
-                torch.stack([it.module._parameters[w].ne(0).any() for w in it.weights]).all() for it in todo
-            ]
-            flags = torch.stack([f.cpu() for f in nonzero]).tolist()  # one transfer per device
+            params = [[it.module._parameters[w] for w in it.weights] for it in todo]
+            nonzero = [torch.stack([_any_nonzero(p) for p in ps]).all() for ps in params]
+            flags = torch.stack([f.cpu() for f in nonzero]).tolist()
         kept = []
         for it, nonzero in zip(todo, flags):
             if nonzero:

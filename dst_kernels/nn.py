@@ -382,6 +382,11 @@ class _DSTRNN(DSTLayer):
     PyTorch's fused RNN.
     """
 
+    def __init__(self, *args, min_density: float | None = 0.01, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_dst(min_density, backend)
+        self._init_rnn_thresholds()
+
     def _init_rnn_thresholds(self) -> None:
         pairs = []
         for w_name in self._flat_weights_names:  # nn.RNNBase's order: per layer and direction
@@ -448,11 +453,11 @@ class DSTLSTM(_DSTRNN, nn.LSTM):
             dropout=dropout,
             bidirectional=bidirectional,
             proj_size=proj_size,
+            min_density=min_density,
+            backend=backend,
             device=device,
             dtype=dtype,
         )
-        self._init_dst(min_density, backend)
-        self._init_rnn_thresholds()
 
     @classmethod
     def from_dense(cls, lstm: nn.LSTM, *, min_density=0.01, backend="auto") -> DSTLSTM:
@@ -479,40 +484,12 @@ class DSTLSTM(_DSTRNN, nn.LSTM):
 class DSTGRU(_DSTRNN, nn.GRU):
     """``nn.GRU`` whose gate matrices (``[3H, *]``) are DST-masked, one threshold per row.
 
+    Takes ``nn.GRU``'s arguments plus ``min_density`` and ``backend`` (keywords).
     ``sparsify(model, include=(..., nn.GRU))`` converts GRUs to it; it is not one of the
     paper's layers.
     """
 
     _dst_base = nn.GRU
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        *,
-        min_density: float | None = 0.01,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=dropout,
-            bidirectional=bidirectional,
-            device=device,
-            dtype=dtype,
-        )
-        self._init_dst(min_density, backend)
-        self._init_rnn_thresholds()
 
 
 def is_dst_layer(module: nn.Module) -> bool:

@@ -605,3 +605,15 @@ def test_second_sparsify_masks_only_what_is_new():
     dst.sparsify(model)
     assert model[0] is first and torch.equal(model[0].threshold.detach(), t_first)
     assert type(model[1]) is dst.DSTLinear
+
+
+def test_meta_model_sparsifies_and_loads_with_assign():
+    with torch.device("meta"):
+        model = SharedNet()
+    dst.sparsify(model)
+    assert type(model.block) is dst.DSTLinear and model.block.threshold.is_meta
+    source = dst.sparsify(SharedNet())
+    _random_thresholds(source)
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert not model.block.weight.is_meta and model.block.threshold.requires_grad
+    _assert_same_function(model, source, torch.randn(2, 7), tol=0)
