@@ -1,0 +1,240 @@
+"""Never NaN: each way a DST run could reach a non-finite loss, provoked, with the loss staying finite.
+
+The causes users of the official code met (NaN losses on VGG-16, a WRN run stuck at 15 %), and
+what this implementation does about each:
+
+* ``exp(-t)`` overflow: a bad step (large lr or alpha, badly scaled inputs) sends a threshold far
+  below 0; ``exp(-t)`` is inf below t = -88.7 in float32, then the threshold's gradient is -inf
+  and the run turns to NaN. The regulariser is linear below t = -10 (``threshold_penalty``).
+* half-precision thresholds: ``sum exp(-t)`` leaves float16's range (65504) with a few thousand
+  thresholds slightly below 0. The regulariser sums in float32.
+* the estimator in float16 / bfloat16: computed in float32 and rounded once (no intermediate
+  overflow); only a gradient that itself exceeds the dtype's range is inf, as in a dense layer.
+* an all-pruned layer (reset rule off, or between resets): outputs the bias, finite gradients.
+* weight decay on thresholds: pulls them towards 0, stable for ``lr * wd < 2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_rel, rederive, tol_for
+from torch import nn
+
+import dst_kernels as dst
+from dst_kernels.regulariser import EXP_LINEAR_BELOW, threshold_penalty
+
+BACKENDS = ["reference"] + (["native"] if "native" in dst.available_backends("cpu") else [])
+
+
+def _data(scale=1.0):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g) * scale
+    y = (x[:, :8] @ torch.randn(8, 4, generator=g)).argmax(1)
+    return x, y
+
+
+def _net(backend="auto", min_density=0.01, dtype=None):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        dst.DSTLinear(32, 64, backend=backend, min_density=min_density, dtype=dtype),
+        nn.ReLU(),
+        dst.DSTLinear(64, 4, backend=backend, min_density=min_density, dtype=dtype),
+    )
+
+
+def _thresholds(model):
+    return [t for m in model.modules() if dst.is_dst_layer(m) for t in m.thresholds()]
+
+
+def _unprotected_penalty(model) -> torch.Tensor:
+    """The regulariser as the official code computes it: plain exp(-t), summed in t's dtype."""
+    return sum(torch.exp(-t.detach()).sum() for t in _thresholds(model))
+
+
+def _train(model, steps, alpha, opt, x, y):
+    """Returns (every loss finite, the unprotected regulariser went non-finite at some step)."""
+    finite, provoked = True, False
+    for s in range(steps):
+        i = (s * 64) % len(x)
+        loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]) + alpha * dst.sparsity_loss(model)
+        finite &= bool(torch.isfinite(loss))
+        provoked |= not bool(torch.isfinite(_unprotected_penalty(model)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return finite, provoked
+
+
+# ----------------------------------------------------------------------------- the regulariser
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_penalty_is_unchanged_for_healthy_thresholds(dtype):
+    """Above t = -10 value and gradient are bit-identical to exp(-t).sum()."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        t = (torch.randn(777, generator=g, dtype=dtype) * 4).clamp(min=-EXP_LINEAR_BELOW)
+        t[:3] = torch.tensor([-EXP_LINEAR_BELOW, 0.0, 50.0], dtype=dtype)
+        a, b = t.clone().requires_grad_(), t.clone().requires_grad_()
+        ours, plain = threshold_penalty(a), torch.exp(-b).sum()
+        assert ours.dtype == dtype and torch.equal(ours, plain)
+        (3e-4 * ours).backward()
+        (3e-4 * plain).backward()
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_penalty_tail_is_linear_and_finite():
+    c = EXP_LINEAR_BELOW
+    t = torch.tensor([-1e30, -1e4, -100.0, -c - 1.0, -c], requires_grad=True)
+    value = threshold_penalty(t)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(t.grad).all()
+    assert torch.equal(t.grad[:4], torch.full((4,), -math.exp(c), dtype=torch.float32))  # slope -e^c
+    tail = threshold_penalty(torch.tensor([-c - 1.0])).item()
+    assert tail == pytest.approx(math.exp(c) * 2.0, rel=1e-6)  # e^c * (1 + (-c - t))
+    assert not torch.isfinite(torch.exp(-t.detach()[:3])).all()  # what it replaces
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_thresholds_are_summed_in_float32(dtype):
+    layer = dst.DSTLinear(4, 8192, dtype=dtype)
+    with torch.no_grad():
+        layer.threshold.fill_(-3.0)
+    loss = dst.sparsity_loss(layer)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(8192 * math.exp(3.0), rel=tol_for(dtype))
+    if dtype == torch.float16:
+        assert not torch.isfinite(torch.exp(-layer.threshold.detach()).sum())  # the cause, provoked
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("alpha", "lr"), [(1e-3, 5.0), (1.0, 1.0)], ids=["large-lr", "large-alpha"])
+def test_threshold_blow_up_keeps_the_loss_finite(backend, alpha, lr):
+    """Large lr / alpha send thresholds far below 0 (and far above): plain exp(-t) overflows."""
+    x, y = _data()
+    model = _net(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    finite, provoked = _train(model, 120, alpha, opt, x, y)
+    assert provoked, "the run no longer provokes exp(-t) overflow: make the test harsher"
+    assert finite
+
+
+def test_badly_scaled_inputs_keep_the_loss_finite():
+    """Inputs x100 at lr 0.05: a threshold goes below -88 within a few steps."""
+    x, y = _data(scale=100.0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    finite, provoked = _train(model, 60, 1e-3, opt, x, y)
+    assert provoked and finite
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_pruned_layer_gives_finite_loss_and_gradients(backend):
+    """Reset rule off: a layer with every weight pruned outputs its bias; nothing is NaN."""
+    x, y = _data()
+    model = _net(backend, min_density=None)
+    with torch.no_grad():
+        model[0].threshold.fill_(1e3)
+    assert model[0].density().item() == 0.0
+    loss = F.cross_entropy(model(x[:64]), y[:64]) + 1e-3 * dst.sparsity_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    assert torch.count_nonzero(model[0].weight.grad) == 0  # |Q| > 1: no estimator gradient
+    controller = dst.DensityController(model, 0.1, every=1)
+    controller.step()
+    assert math.isfinite(controller.alpha.item())
+    assert controller.measure()[0].item() == 0.0
+
+
+def test_all_pruned_conv_before_batchnorm_is_finite():
+    """A pruned conv feeds BatchNorm a constant: its variance is 0, eps keeps it finite."""
+    conv = dst.DSTConv2d(3, 4, 3, bias=False, min_density=None)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with torch.no_grad():
+        conv.threshold.fill_(5.0)
+    out = model(torch.randn(8, 3, 8, 8))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reset_rule_revives_an_all_pruned_layer(backend):
+    model = _net(backend)
+    with torch.no_grad():
+        model[0].threshold.fill_(1e3)
+    model(torch.randn(2, 32))
+    assert torch.equal(model[0].threshold.detach(), torch.zeros(64))
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.5),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.5),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.5),
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
+def test_weight_decay_on_thresholds_is_stable(make_opt):
+    """Decay (here 5000x the paper's) pulls thresholds towards 0; nothing diverges."""
+    x, y = _data()
+    model = _net()
+    opt = make_opt(model.parameters())  # thresholds included, as in the paper's CIFAR recipe
+    finite, _ = _train(model, 60, 1e-2, opt, x, y)
+    assert finite
+    assert max(t.abs().max().item() for t in _thresholds(model)) < 1.0
+
+
+# ----------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_estimator_in_float16_has_no_intermediate_overflow(backend):
+    """G * W = 90000 > 65504 inside the estimator, results in range: computed in float32."""
+    weight = torch.tensor([[300.0, -300.0], [0.25, 0.5]], dtype=torch.float16)
+    threshold = torch.tensor([299.5, 0.1], dtype=torch.float16)  # row 0: Q = 0.5, H = 0.4
+    grad = torch.tensor([[300.0, 300.0], [1.0, -1.0]], dtype=torch.float16)
+    w = weight.clone().requires_grad_()
+    t = threshold.clone().requires_grad_()
+    p = dst.functional.masked_weight(w, t, backend=backend)
+    p.backward(grad)
+    _, gw, gt = rederive(weight, threshold, grad)
+    assert torch.isfinite(w.grad).all() and torch.isfinite(t.grad).all()
+    assert_close_rel(w.grad, gw, tol_for(torch.float16), "dW")
+    assert_close_rel(t.grad, gt, tol_for(torch.float16) * 2, "dt")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_training_stays_finite(backend, dtype):
+    x, y = _data()
+    model = _net(backend, dtype=dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for s in range(20):
+        i = (s * 64) % len(x)
+        out = model(x[i : i + 64].to(dtype))
+        loss = F.cross_entropy(out.float(), y[i : i + 64]) + 1e-3 * dst.sparsity_loss(model)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_threshold_is_an_error_not_a_silent_mask():
+    layer = dst.DSTLinear(4, 3)
+    with torch.no_grad():
+        layer.threshold[1] = float("nan")
+    with pytest.raises(ValueError, match="threshold"):
+        layer(torch.randn(2, 4))
