@@ -60,6 +60,11 @@ DEFAULT_INCLUDE = (nn.Linear, nn.Conv2d, nn.LSTM)
 # Exact types with a fused DST class: the module's class becomes it.
 _FUSED: dict[type, type] = {nn.Linear: DSTLinear, nn.Conv2d: DSTConv2d, nn.LSTM: DSTLSTM, nn.GRU: DSTGRU}
 
+# Parents that read these children's weights themselves (nn.TransformerEncoderLayer's fast
+# path passes linear1.weight / linear2.weight to one fused op): the children get the
+# masked attribute even when their type has a fused class.
+_WEIGHT_READERS: dict[type, tuple[str, ...]] = {nn.TransformerEncoderLayer: ("linear1", "linear2")}
+
 WeightsSpec = Mapping[str, int] | Callable[[nn.Module], Mapping[str, int]]
 _RULES: dict[type, WeightsSpec] = {}
 
@@ -179,7 +184,7 @@ def _masked_class(base: type, spec: tuple[tuple[str, str, int], ...]) -> type:
             _dst_axes={w: axis for w, _, axis in spec if axis},
             __module__=__name__,
         )
-        cls = _CLASSES[key] = type(f"DST{base.__name__}", (DSTMaskedModule, base), ns)
+        cls = _CLASSES[key] = type(f"DSTMasked{base.__name__}", (DSTMaskedModule, base), ns)
     return cls
 
 
@@ -233,6 +238,7 @@ class _Item:
     name: str
     module: nn.Module
     weights: dict[str, int]
+    fused: bool = False
 
 
 def _check_args(include, exclude, min_density, backend):
@@ -285,6 +291,13 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
         for p_name, p in module._parameters.items():
             if p is not None:
                 owners.setdefault(id(p), []).append(f"{name}.{p_name}" if name else p_name)
+    read_by_parent = {
+        id(getattr(m, child))
+        for m in model.modules()
+        for reader, children in _WEIGHT_READERS.items()
+        if isinstance(m, reader)
+        for child in children
+    }
     todo: list[_Item] = []
     converted: list[SparsifyEntry] = []
     dense: list[SparsifyEntry] = []
@@ -360,7 +373,9 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
         if frozen and not include_frozen:
             leave("frozen (requires_grad=False; pass include_frozen=True to mask it)")
             continue
-        todo.append(_Item(name, module, {w: a % module._parameters[w].dim() for w, a in present.items()}))
+        fused = type(module) in _FUSED and id(module) not in read_by_parent
+        axes = {w: a % module._parameters[w].dim() for w, a in present.items()}
+        todo.append(_Item(name, module, axes, fused))
     # All-zero weights: |0| > 0 is false and their estimator gradient is 0, so they never train.
     if todo:
         with torch.no_grad():
@@ -383,7 +398,7 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
                 )
         todo = kept
     for it in todo:
-        how = "(fused layer)" if type(it.module) in _FUSED else "(masked attribute, own forward)"
+        how = "(fused layer)" if it.fused else "(masked attribute, own forward)"
         converted.append(SparsifyEntry(it.name, type(it.module).__name__, tuple(it.weights), how=how))
     return todo, SparsifySummary(tuple(converted), tuple(dense))
 
@@ -407,9 +422,8 @@ def plan_sparsify(
 
 def _convert(item: _Item, min_density, backend) -> None:
     module = item.module
-    fused = _FUSED.get(type(module))
-    if fused is not None:
-        module.__class__ = fused
+    if item.fused:
+        module.__class__ = _FUSED[type(module)]
         module._init_dst(min_density, backend)
         if isinstance(module, DSTLSTM | DSTGRU):
             module._init_rnn_thresholds()

@@ -617,3 +617,27 @@ def test_meta_model_sparsifies_and_loads_with_assign():
     model.load_state_dict(source.state_dict(), assign=True)
     assert not model.block.weight.is_meta and model.block.threshold.requires_grad
     _assert_same_function(model, source, torch.randn(2, 7), tol=0)
+
+
+def test_transformer_encoder_layer_fast_path_sees_the_masks():
+    """nn.TransformerEncoderLayer's eval fast path hands linear1.weight / linear2.weight (and the
+    attention's weights) to one fused op, bypassing the children's forward."""
+    make = lambda: nn.TransformerEncoder(  # noqa: E731
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True),
+        num_layers=2,
+        enable_nested_tensor=False,
+    )
+    model = make()
+    dense = copy.deepcopy(model)
+    dst.sparsify(model, include=(nn.Linear, nn.MultiheadAttention))
+    layer = model.layers[0]
+    assert dst.is_dst_layer(layer.linear1) and isinstance(layer.linear1, DSTMaskedModule)
+    _random_thresholds(model)
+    x = torch.randn(2, 5, 8)
+    _assert_same_function(model, _masked_copy(dense, model), x)  # under no_grad: the fast path
+    _assert_same_function(model, fold(model), x)
+    model.train()
+    y = model(x)  # the slow path, with gradients
+    with torch.no_grad():
+        y_ref = _masked_copy(dense, model).train()(x)
+    assert_close_rel(y, y_ref, 1e-5)
