@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from dst_kernels import functional as DF
@@ -275,7 +276,7 @@ def _excluded(name: str, module: nn.Module, exclude) -> bool:
 
 def _weight_bearing(module: nn.Module) -> list[str]:
     """Names of the module's own matrix-or-larger Parameters (what a mask could apply to)."""
-    return [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
+    return [n for n, p in module._parameters.items() if p is not None and (is_lazy(p) or p.dim() >= 2)]
 
 
 def _any_nonzero(p: torch.Tensor) -> torch.Tensor:
@@ -347,6 +348,9 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
             continue
         present = {w: a for w, a in rule.items() if module._parameters[w] is not None}
         if not present:
+            continue
+        if any(is_lazy(module._parameters[w]) for w in present):
+            leave("uninitialized (lazy) parameter: run one forward to materialise it, then sparsify")
             continue
         bad_axis = [
             w

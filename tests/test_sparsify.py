@@ -641,3 +641,13 @@ def test_transformer_encoder_layer_fast_path_sees_the_masks():
     with torch.no_grad():
         y_ref = _masked_copy(dense, model).train()(x)
     assert_close_rel(y, y_ref, 1e-5)
+
+
+def test_lazy_layers_are_left_dense_until_materialised():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    summary = dst.plan_sparsify(model)
+    assert [e.name for e in summary.converted] == ["2"]
+    assert "lazy" in summary.dense[0].reason
+    model(torch.randn(3, 5))  # materialise: LazyLinear becomes nn.Linear
+    dst.sparsify(model)
+    assert type(model[0]) is dst.DSTLinear and type(model[2]) is dst.DSTLinear
