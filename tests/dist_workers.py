@@ -1,0 +1,225 @@
+"""Worker processes of tests/test_distributed.py (a module of its own so spawned processes can
+import it). Every worker trains a small float64 DST model on its rank's share of a global batch
+and saves what the parent compares with one process training on the whole batch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import dst_kernels as dst
+
+ALPHA = 1e-2
+STEPS = 4
+LR = 0.05
+
+
+class ConvLSTMNet(nn.Module):
+    """A DSTConv2d feeding a DSTLSTM (rows of the feature map as time steps), then a DSTLinear."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.conv = dst.DSTConv2d(2, 3, 3, padding=1, backend=backend)
+        self.lstm = dst.DSTLSTM(3 * 6, 5, batch_first=True, backend=backend)
+        self.head = dst.DSTLinear(5, 4, backend=backend)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))  # [B, 3, 6, 6]
+        seq = f.permute(0, 2, 1, 3).reshape(x.shape[0], 6, 18)
+        out, _ = self.lstm(seq)
+        return self.head(out[:, -1])
+
+
+class WithUnused(nn.Module):
+    """An MLP with a layer the forward never uses (DDP needs find_unused_parameters or a static
+    graph). With ``reg_in_forward`` the forward also returns the regulariser, so every threshold
+    DDP sees used is used inside the forward."""
+
+    def __init__(self, backend: str, reg_in_forward: bool = False):
+        super().__init__()
+        self.a = dst.DSTLinear(7, 13, backend=backend)
+        self.b = dst.DSTLinear(13, 4, backend=backend)
+        self.unused = dst.DSTLinear(13, 4, backend=backend)
+        self.reg_in_forward = reg_in_forward
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return (y, ALPHA * dst.sparsity_loss(self)) if self.reg_in_forward else y
+
+
+def build_model(kind: str, backend: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "conv_lstm":
+        model = ConvLSTMNet(backend)
+    elif kind in ("unused", "unused_reg_in_forward"):
+        model = WithUnused(backend, reg_in_forward=kind == "unused_reg_in_forward")
+    else:
+        model = nn.Sequential(
+            dst.DSTLinear(7, 13, backend=backend), nn.ReLU(), dst.DSTLinear(13, 4, backend=backend)
+        )
+    model = model.double()
+    with torch.no_grad():
+        first = next(m for m in model.modules() if dst.is_dst_layer(m))
+        first.threshold.fill_(10.0)  # keeps nothing: the reset rule fires in the first forward
+        for m in model.modules():
+            if isinstance(m, dst.DSTLinear) and m is not first:
+                m.threshold.copy_(torch.linspace(0.0, 0.2, m.threshold.numel(), dtype=torch.float64))
+    return model
+
+
+def global_batches(kind: str, world: int, micro: int = 1, per_rank: int = 3):
+    """``[step][micro][rank] -> (x, y)``, the same on every process."""
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 6, 6) if kind == "conv_lstm" else (7,)
+    return [
+        [
+            [
+                (
+                    torch.randn(per_rank, *shape, generator=g, dtype=torch.float64),
+                    torch.randn(per_rank, 4, generator=g, dtype=torch.float64),
+                )
+                for _ in range(world)
+            ]
+            for _ in range(micro)
+        ]
+        for _ in range(STEPS)
+    ]
+
+
+def loss_fn(model_out, y, model):
+    if isinstance(model_out, tuple):  # the model computed its regulariser in its forward
+        return F.mse_loss(model_out[0], y) + model_out[1]
+    return F.mse_loss(model_out, y) + ALPHA * _reg(model)
+
+
+def _reg(model):
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for n, p in model.named_parameters():
+        if "threshold" in n:
+            t = p.to_local() if isinstance(p, DTensor) else p
+            total = total + torch.exp(-t).sum()
+    return total
+
+
+def train_single(kind: str, backend: str, world: int, micro: int = 1) -> dict:
+    """One process, the concatenated batch of every rank (per micro-batch)."""
+    model = build_model(kind, backend).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    for step in global_batches(kind, world, micro):
+        for parts in step:
+            x = torch.cat([p[0] for p in parts])
+            y = torch.cat([p[1] for p in parts])
+            loss_fn(model(x), y, model).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def _ddp_run(rank, world, kind, backend, micro=1, find_unused=False, perturb=False, static=False):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = build_model(kind, backend).train()
+    ddp = DDP(model, find_unused_parameters=find_unused, static_graph=static)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
+    thresholds = []
+    for step in global_batches(kind, world, micro):
+        for k, parts in enumerate(step):
+            x, y = parts[rank]
+            if perturb and rank == 1:
+                x = x * 7.0 + 1.0  # another local batch: the gradients still agree after the all-reduce
+            ctx = ddp.no_sync() if k < micro - 1 else _nullcontext()
+            with ctx:
+                loss_fn(ddp(x), y, model).backward()
+        opt.step()
+        opt.zero_grad()
+        thresholds.append(
+            torch.cat([t.detach().clone() for n, t in model.named_parameters() if "threshold" in n])
+        )
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, thresholds
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def ddp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
+    """Every DDP scenario for one backend, in one process group."""
+    _init(rank, world, store)
+    results = {}
+    for name, kwargs in [
+        ("mlp", dict(kind="mlp")),
+        ("mlp_find_unused", dict(kind="mlp", find_unused=True)),
+        ("unused_static_graph", dict(kind="unused", static=True)),
+        ("unused_find_unused", dict(kind="unused_reg_in_forward", find_unused=True)),
+        ("accumulate", dict(kind="mlp", micro=2)),
+        ("conv_lstm", dict(kind="conv_lstm")),
+        ("perturbed", dict(kind="mlp", perturb=True)),
+    ]:
+        results[name] = _ddp_run(rank, world, backend=backend, **kwargs)
+    torch.save(results, os.path.join(out, f"ddp-{backend}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
+    """FSDP2 (fully_shard per DST layer and at the root) against the single-process step;
+    then the report, fold and a full-state-dict checkpoint on the sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _init(rank, world, store)
+    results = {}
+    model = build_model("mlp", backend).train()
+    for m in model:
+        if dst.is_dst_layer(m):
+            fully_shard(m)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    for step in global_batches("mlp", world):
+        x, y = step[0][rank]
+        loss_fn(model(x), y, model).backward()
+        opt.step()
+        opt.zero_grad()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    results["state"] = {k: v.detach().clone() for k, v in full.items()}
+    # results["report"] = dst.sparsity_report(model).rows()
+    # results["density"] = [float(m.density()) for m in model if dst.is_dst_layer(m)]
+
+    # Mixed precision: bf16 compute, fp32 gradient reduction; it trains and stays finite.
+    mp_model = build_model("mlp", backend).float().train()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for m in mp_model:
+        if dst.is_dst_layer(m):
+            fully_shard(m, mp_policy=policy)
+    fully_shard(mp_model, mp_policy=policy)
+    mp_opt = torch.optim.SGD(mp_model.parameters(), lr=LR, momentum=0.9)
+    losses = []
+    for step in global_batches("mlp", world):
+        x, y = step[0][rank]
+        loss = loss_fn(mp_model(x.float()), y.float(), mp_model)
+        loss.backward()
+        mp_opt.step()
+        mp_opt.zero_grad()
+        losses.append(float(loss))
+    results["mp_losses"] = losses
+    results["mp_state"] = {
+        k: v.detach().clone()
+        for k, v in get_model_state_dict(
+            mp_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        ).items()
+    }
+    torch.save(results, os.path.join(out, f"fsdp-{backend}-rank{rank}.pt"))
+    dist.destroy_process_group()

@@ -1,0 +1,83 @@
+"""DST under torch.distributed: DDP is exact (float64, 2 gloo ranks on the CPU against one process
+training on the concatenated batch, regulariser and reset rule included), on every backend.
+
+The workers live in tests/dist_workers.py; each backend runs all its scenarios in one process
+group, so a backend costs one spawn.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dst_kernels as dst
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_workers as W  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not built"
+)
+WORLD = 2
+TOL = 1e-9
+
+# scenario -> (model kind, micro-batches per step)
+DDP_SCENARIOS = {
+    "mlp": ("mlp", 1),
+    "mlp_find_unused": ("mlp", 1),
+    "unused_static_graph": ("unused", 1),
+    "unused_find_unused": ("unused_reg_in_forward", 1),
+    "accumulate": ("mlp", 2),
+    "conv_lstm": ("conv_lstm", 1),
+}
+
+
+def _spawn(fn, tmp_path, backend):
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(WORLD, str(tmp_path / "store"), str(tmp_path), backend), nprocs=WORLD, join=True)
+    name = "ddp" if fn is W.ddp_worker else "fsdp"
+    return [torch.load(tmp_path / f"{name}-{backend}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[b for b in ("reference", "native", "triton") if b in dst.available_backends("cpu")],
+)
+def ddp_results(request, tmp_path_factory):
+    backend = request.param
+    return backend, _spawn(W.ddp_worker, tmp_path_factory.mktemp(f"ddp-{backend}"), backend)
+
+
+@pytest.mark.parametrize("scenario", list(DDP_SCENARIOS))
+def test_ddp_equals_one_process_on_the_whole_batch(ddp_results, scenario):
+    backend, ranks = ddp_results
+    kind, micro = DDP_SCENARIOS[scenario]
+    expected = W.train_single(kind, backend, WORLD, micro)
+    for rank, result in enumerate(ranks):
+        state, _ = result[scenario]
+        assert _max_diff(state, expected) <= TOL, f"rank {rank}, {scenario}"
+    # The reset rule fired: the first layer's thresholds started at 10 (keeping nothing).
+    first = next(k for k in expected if k.endswith("threshold"))
+    assert expected[first].abs().max() < 1.0
+
+
+def test_ddp_ranks_agree_with_different_local_batches(ddp_results):
+    """The reset decision is a function of weights and thresholds only, which DDP keeps identical:
+    with one rank's local batch changed, every rank still holds the same thresholds after every
+    step (and the same weights at the end)."""
+    _, ranks = ddp_results
+    (s0, t0), (s1, t1) = ranks[0]["perturbed"], ranks[1]["perturbed"]
+    assert _max_diff(s0, s1) == 0.0
+    assert len(t0) == W.STEPS and all(torch.equal(a, b) for a, b in zip(t0, t1))
+    reference = W.train_single("mlp", "reference", WORLD)
+    assert _max_diff(s0, reference) > 1e-6, "the perturbation changed the training"
