@@ -305,16 +305,19 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
     for name, module in model.named_modules():
         type_name = type(module).__name__
         if is_dst_layer(module):
-            pairs = module._dst_pairs
+            weights = tuple(w for w, _ in module._dst_pairs)
+            if _excluded(name, module, exclude):
+                converted.append(SparsifyEntry(name, type_name, weights, how="(already DST, excluded here)"))
+                continue
             if (module.min_density, module.backend) != (min_density, backend):
                 raise ValueError(
                     f"sparsify: {name or 'the model'} is already a DST layer with "
                     f"min_density={module.min_density}, backend={module.backend!r}, but this call asks "
                     f"for min_density={min_density}, backend={backend!r}. Call sparsify with the same "
-                    f"options, or change the layer's options directly (layer.min_density = ..., "
-                    f"layer.backend = ...) for every layer in dst_kernels.nn.threshold_parameters' model."
+                    f"options, set the layer's own (layer.min_density = ..., layer.backend = ...), or "
+                    f"leave it out of this call (exclude=({name or '<name>'!r},))."
                 )
-            converted.append(SparsifyEntry(name, type_name, tuple(w for w, _ in pairs), how="(already DST)"))
+            converted.append(SparsifyEntry(name, type_name, weights, how="(already DST)"))
             continue
         if isinstance(module, parametrize.ParametrizationList):
             continue  # the parametrized module itself is reported

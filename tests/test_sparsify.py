@@ -527,6 +527,10 @@ def test_second_sparsify_with_other_options_raises():
         dst.sparsify(model)
     with pytest.raises(ValueError, match="backend='native'"):
         dst.sparsify(model, min_density=0.2, backend="native")
+    # Layers built with their own options stay as they are when excluded from the call.
+    model.extra = nn.Linear(3, 3)
+    dst.sparsify(model, exclude=("block", "again", "out"))
+    assert model.block.min_density == 0.2 and model.extra.min_density == 0.01
 
 
 def test_dst_state_dict_into_dense_model_warns():
