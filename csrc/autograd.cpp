@@ -64,6 +64,12 @@ const auto& conv2d_op() {
   return op;
 }
 
+const auto& linear_grad_input_op() {
+  static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
+      "dst_kernels::dst_linear_grad_input");
+  return op;
+}
+
 Tensor recomputed_p(const Tensor& weight, const Tensor& t_eff) {
   return std::get<0>(mask_op().call(weight, t_eff, std::nullopt));
 }
@@ -153,7 +159,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const bool need_w = ctx->needs_input_grad(1), need_t = ctx->needs_input_grad(2);
     const Tensor grad_2d = grad_y.reshape({-1, grad_y.size(-1)});
     if (need_x) {
-      out[0] = grad_y.matmul(recomputed_p(weight, t_eff));
+      // dY P (P recomputed; on the CPU the sparse kernel below the density crossover).
+      out[0] = linear_grad_input_op().call(grad_y, weight, t_eff);
     }
     if (need_w || need_t) {
       auto [grad_w, grad_t] =

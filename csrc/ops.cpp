@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "dst/sparse.h"
+
 #if __has_include("dst/build_config.h")
 #include "dst/build_config.h"
 #endif
@@ -59,6 +61,23 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The conv layer's forward: dst_mask, then ATen's convolution (cuDNN / oneDNN). Returns
   // (y, P, t_eff); its backward recomputes P and runs convolution_backward, then
   // dst_weight_grad_ over the weight gradient's buffer.
+  // dX = dY P for the linear layer, P = W * (|W| > t[row]) recomputed from (W, t): ATen's
+  // GEMM on every device; on the CPU the sparse kernel below the density crossover.
+  m.def("dst_linear_grad_input(Tensor grad_y, Tensor weight, Tensor threshold) -> Tensor");
+  // The sparse family (csrc/cpu/sparse.cpp). dst_sparse_mask: P = W * (|W| > t[row]) in
+  // CSR, (crow_indices int32 [rows + 1], col_indices int32 [nnz], values [nnz]), rows
+  // being W's first dimension and columns the rest flattened; with transpose=True the
+  // CSR of P^T. dst_sparse_mm: y = x A^T + bias for the CSR matrix A (its rows are y's
+  // features, its columns x's last dimension).
+  m.def(
+      "dst_sparse_mask(Tensor weight, Tensor threshold, bool transpose=False) -> (Tensor, "
+      "Tensor, Tensor)");
+  m.def(
+      "dst_sparse_mm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+      "Tensor? bias=None) -> Tensor");
+  // When the CPU dst_linear kernels use the sparse path: 0 auto (the measured density
+  // crossover), 1 always, 2 never; -1 only queries. Returns the previous mode.
+  m.def("sparse_mode(int mode=-1) -> int", &dst::sparse_mode);
   m.def(
       "dst_conv2d(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, float? min_density) -> (Tensor, Tensor, "

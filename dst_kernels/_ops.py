@@ -120,6 +120,31 @@ def _register() -> None:
         return y, torch.empty_like(weight), torch.empty_like(threshold)
 
     # Autograd of dst_mask, dst_linear and dst_conv2d is registered in C++ (csrc/autograd.cpp).
+    if has_op("dst_sparse_mm"):
+        _register_sparse()
+
+
+def _register_sparse() -> None:
+    """Fake kernels of the sparse op family (csrc/cpu/sparse.cpp)."""
+
+    @torch.library.register_fake("dst_kernels::dst_linear_grad_input")
+    def _dst_linear_grad_input_fake(grad_y, weight, threshold):
+        torch._check(grad_y.shape[-1] == weight.shape[0], lambda: "dst_linear_grad_input: grad_y features")
+        return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
+
+    @torch.library.register_fake("dst_kernels::dst_sparse_mask")
+    def _dst_sparse_mask_fake(weight, threshold, transpose=False):
+        torch._check(threshold.shape == (weight.shape[0],), lambda: "dst_sparse_mask: threshold shape")
+        rows = weight.shape[0]
+        n = weight.numel() // rows if transpose else rows
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        index = weight.new_empty((n + 1,), dtype=torch.int32)
+        return index, weight.new_empty((nnz,), dtype=torch.int32), weight.new_empty((nnz,))
+
+    @torch.library.register_fake("dst_kernels::dst_sparse_mm")
+    def _dst_sparse_mm_fake(x, crow_indices, col_indices, values, bias=None):
+        torch._check(values.dtype == x.dtype, lambda: "dst_sparse_mm: values must have x's dtype")
+        return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 
 
 if _loaded:

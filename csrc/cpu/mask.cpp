@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "dst/checks.h"
+#include "dst/cpu_kernels.h"
 #include "dst/estimator.h"
 
 namespace dst {
@@ -56,14 +57,20 @@ DST_CPU_CLONES int64_t mask_row(const double* w, double t, double* out, int64_t 
   return mask_row_impl(w, t, out, cols);
 }
 
+// Every row; row_counts[r] (when not null) receives row r's kept count.
 template <typename scalar_t>
-int64_t mask_rows(const scalar_t* w, const scalar_t* t, scalar_t* out, int64_t rows, int64_t cols) {
+int64_t mask_rows(const scalar_t* w, const scalar_t* t, scalar_t* out, int64_t rows, int64_t cols,
+                  int64_t* row_counts) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
   return at::parallel_reduce(
       0, rows, grain, int64_t(0),
       [&](int64_t begin, int64_t end, int64_t acc) {
         for (int64_t r = begin; r < end; ++r) {
-          acc += mask_row(w + r * cols, t[r], out + r * cols, cols);
+          const int64_t kept = mask_row(w + r * cols, t[r], out + r * cols, cols);
+          if (row_counts != nullptr) {
+            row_counts[r] = kept;
+          }
+          acc += kept;
         }
         return acc;
       },
@@ -74,34 +81,39 @@ std::tuple<at::Tensor, at::Tensor> dst_mask_cpu(const at::Tensor& weight,
                                                 const at::Tensor& threshold,
                                                 std::optional<double> min_density) {
   check_weight_threshold("dst_mask", weight, threshold);
-  TORCH_CHECK(!min_density.has_value() || (*min_density >= 0.0 && *min_density < 1.0),
-              "dst_mask: min_density must be in [0, 1) or None, got ", *min_density);
-  const at::Tensor w = weight;  // checked: rows are contiguous blocks
-  const at::Tensor t = threshold.contiguous();
-  at::Tensor out = at::empty_like(w);
-  at::Tensor t_eff = t.clone();
-  const int64_t rows = w.size(0);
-  const int64_t cols = w.numel() / rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dst_mask_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      // Reading thresholds costs nothing on the CPU, so they are checked on every call.
-      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(tp[r])),
-                        "threshold contains NaN or inf; thresholds must be finite (a NaN "
-                        "threshold would silently mask out its whole row)");
-    }
-    const int64_t kept = mask_rows(wp, tp, op, rows, cols);
-    if (min_density.has_value() && reset_due(kept, w.numel(), *min_density)) {
-      t_eff.zero_();
-      mask_rows(wp, t_eff.const_data_ptr<scalar_t>(), op, rows, cols);
-    }
-  });
+  at::Tensor out = at::empty_like(weight);
+  at::Tensor t_eff = threshold.contiguous().clone();
+  cpu::mask_into(weight, min_density, out, t_eff, nullptr);
   return {out, t_eff};
 }
 
 }  // namespace
+
+namespace cpu {
+
+int64_t mask_into(const at::Tensor& weight, std::optional<double> min_density, at::Tensor& out,
+                  at::Tensor& t_eff, int64_t* row_counts) {
+  TORCH_CHECK(!min_density.has_value() || (*min_density >= 0.0 && *min_density < 1.0),
+              "dst_mask: min_density must be in [0, 1) or None, got ", *min_density);
+  const at::Tensor& w = weight;  // checked by the caller: rows are contiguous blocks
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  int64_t kept = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dst_mask_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* tp = t_eff.const_data_ptr<scalar_t>();
+    check_finite_thresholds(tp, rows);
+    kept = mask_rows(wp, tp, op, rows, cols, row_counts);
+    if (min_density.has_value() && reset_due(kept, w.numel(), *min_density)) {
+      t_eff.zero_();
+      kept = mask_rows(wp, t_eff.const_data_ptr<scalar_t>(), op, rows, cols, row_counts);
+    }
+  });
+  return kept;
+}
+
+}  // namespace cpu
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) { m.impl("dst_mask", &dst::dst_mask_cpu); }

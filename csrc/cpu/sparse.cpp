@@ -1,0 +1,645 @@
+// CPU kernels of the sparse op family: P = W * M in compressed form and the products
+// with it.
+//
+//   dst_sparse_mask(W, t, transpose)   CSR of P (or of P^T), int32 indices
+//   dst_sparse_mm(x, crow, col, val, b) y = x A^T + b for a CSR matrix A
+//   dst_linear (CPU)                   mask pass; below the density crossover y = x P^T
+//                                      from the CSR built off the mask pass's row counts
+//   dst_linear_grad_input (CPU)        dX = dY P; below the crossover from P^T in CSR
+//
+// The product tiles the rows of x (tokens) by NB: a tile of x is packed transposed
+// (K x NB, opmath type) into a per-thread buffer that stays in L2, and every output
+// feature accumulates NB lanes in registers over its nonzeros (vectorised over the
+// tokens). Each output element is one thread's sum over its row's nonzeros in column
+// order: results are deterministic and independent of the thread count.
+#include "dst/sparse.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "dst/checks.h"
+#include "dst/cpu_kernels.h"
+#include "dst/estimator.h"
+
+namespace dst {
+
+namespace {
+std::atomic<int64_t> g_sparse_mode{static_cast<int64_t>(SparseMode::kAuto)};
+}  // namespace
+
+int64_t sparse_mode(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 2,
+              "sparse_mode: mode must be 0 (auto), 1 (always), 2 (never) or -1 (query), got ",
+              mode);
+  if (mode < 0) {
+    return g_sparse_mode.load();
+  }
+  return g_sparse_mode.exchange(mode);
+}
+
+double sparse_crossover(int64_t tokens, int64_t in, int64_t out) {
+  (void)in;
+  (void)out;
+  (void)tokens;
+  return 0.1;
+}
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGrainElements = 32768;
+// Multiply-adds below which a product runs on one thread.
+constexpr int64_t kGrainWork = 65536;
+constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
+
+template <typename scalar_t>
+using opmath = at::opmath_type<scalar_t>;
+
+// ----------------------------------------------------------------------------- row passes
+
+// Kept count of one row (vectorised: compare and count, no writes).
+template <typename scalar_t>
+DST_CPU_CLONES int64_t count_row(const scalar_t* __restrict__ w, scalar_t t, int64_t cols) {
+  const opmath<scalar_t> tf = static_cast<opmath<scalar_t>>(t);
+  int64_t kept = 0;
+  constexpr int64_t kChunk = int64_t(1) << 30;
+  for (int64_t begin = 0; begin < cols; begin += kChunk) {
+    const int64_t end = std::min(cols, begin + kChunk);
+    int32_t count = 0;
+#pragma omp simd reduction(+ : count)
+    for (int64_t j = begin; j < end; ++j) {
+      count += abs_value(static_cast<opmath<scalar_t>>(w[j])) > tf ? 1 : 0;
+    }
+    kept += count;
+  }
+  return kept;
+}
+
+// The kept entries of one row, in column order: their columns and values. Chunks of 16
+// with nothing kept (most of them at low density) are skipped after a vectorised test.
+template <typename scalar_t>
+DST_CPU_CLONES void compress_row(const scalar_t* __restrict__ w, scalar_t t, int64_t cols,
+                                 int32_t* __restrict__ col, scalar_t* __restrict__ val) {
+  const opmath<scalar_t> tf = static_cast<opmath<scalar_t>>(t);
+  int64_t p = 0;
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const int64_t j1 = std::min(cols, j0 + 16);
+    int32_t any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = j0; j < j1; ++j) {
+      any |= abs_value(static_cast<opmath<scalar_t>>(w[j])) > tf ? 1 : 0;
+    }
+    if (any == 0) {
+      continue;
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      if (abs_value(static_cast<opmath<scalar_t>>(w[j])) > tf) {
+        col[p] = static_cast<int32_t>(j);
+        val[p] = w[j];
+        ++p;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- column passes
+
+// Columns [c0, c1) of every row: cnt[j] += (|W[r, j]| > t[r]); with out set, also
+// out = W * M there (the mask pass and the column counts of P^T in one read of W).
+template <typename scalar_t>
+DST_CPU_CLONES void mask_count_cols(const scalar_t* __restrict__ w, const scalar_t* t,
+                                    scalar_t* __restrict__ out, int64_t rows, int64_t cols,
+                                    int64_t c0, int64_t c1, int32_t* __restrict__ cnt) {
+  using opmath_t = opmath<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* wr = w + r * cols;
+    const opmath_t tf = static_cast<opmath_t>(t[r]);
+    if (out != nullptr) {
+      scalar_t* o = out + r * cols;
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) {
+        const opmath_t wf = static_cast<opmath_t>(wr[j]);
+        const bool k = abs_value(wf) > tf;
+        o[j] = static_cast<scalar_t>(wf * (k ? opmath_t(1) : opmath_t(0)));
+        cnt[j] += k ? 1 : 0;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) {
+        cnt[j] += abs_value(static_cast<opmath_t>(wr[j])) > tf ? 1 : 0;
+      }
+    }
+  }
+}
+
+// Columns [c0, c1): the kept entries of each column j, in row order, at pos[j]... (pos
+// advances); the CSR of P^T.
+template <typename scalar_t>
+DST_CPU_CLONES void fill_cols(const scalar_t* __restrict__ w, const scalar_t* t, int64_t rows,
+                              int64_t cols, int64_t c0, int64_t c1, int32_t* __restrict__ pos,
+                              int32_t* __restrict__ row_idx, scalar_t* __restrict__ val) {
+  using opmath_t = opmath<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* wr = w + r * cols;
+    const opmath_t tf = static_cast<opmath_t>(t[r]);
+    for (int64_t j0 = c0; j0 < c1; j0 += 16) {
+      const int64_t j1 = std::min(c1, j0 + 16);
+      int32_t any = 0;
+#pragma omp simd reduction(| : any)
+      for (int64_t j = j0; j < j1; ++j) {
+        any |= abs_value(static_cast<opmath_t>(wr[j])) > tf ? 1 : 0;
+      }
+      if (any == 0) {
+        continue;
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        if (abs_value(static_cast<opmath_t>(wr[j])) > tf) {
+          const int32_t p = pos[j - c0]++;
+          row_idx[p] = static_cast<int32_t>(r);
+          val[p] = wr[j];
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- the product
+
+// Token tile width: NB lanes of opmath accumulators per output feature, and a packed
+// tile of K x NB that should sit in half of a 1 MiB L2.
+int tile_width(int64_t k, int64_t acc_bytes) {
+  int nb = 64;
+  while (nb > 8 && k * nb * acc_bytes > (int64_t(512) << 10)) {
+    nb /= 2;
+  }
+  return nb;
+}
+
+int pow2_at_least(int64_t n) {
+  int p = 1;
+  while (p < n) {
+    p *= 2;
+  }
+  return p;
+}
+
+// xt[k * nbw + i] = x[i, k] for i < nb, 0 for nb <= i < nbw.
+template <typename scalar_t>
+void pack_tile(const scalar_t* x, int64_t ldx, int64_t k, int64_t nb, int nbw,
+               opmath<scalar_t>* xt) {
+  using opmath_t = opmath<scalar_t>;
+  if (nbw == 1) {
+    for (int64_t c = 0; c < k; ++c) {
+      xt[c] = static_cast<opmath_t>(x[c]);
+    }
+    return;
+  }
+  constexpr int64_t kStep = 16;
+  for (int64_t c0 = 0; c0 < k; c0 += kStep) {
+    const int64_t c1 = std::min(k, c0 + kStep);
+    for (int64_t i = 0; i < nb; ++i) {
+      const scalar_t* xr = x + i * ldx;
+      for (int64_t c = c0; c < c1; ++c) {
+        xt[c * nbw + i] = static_cast<opmath_t>(xr[c]);
+      }
+    }
+    for (int64_t i = nb; i < nbw; ++i) {
+      for (int64_t c = c0; c < c1; ++c) {
+        xt[c * nbw + i] = opmath_t(0);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+struct Csr {
+  const int32_t* crow;
+  const int32_t* col;
+  const scalar_t* val;
+};
+
+// 64-byte vectors of the accumulation type (GCC vector extensions: one zmm register in the
+// AVX-512 clone, two ymm in the AVX2 one, four xmm in the baseline), loadable unaligned.
+typedef float vec_f32 __attribute__((vector_size(64), aligned(4)));
+typedef double vec_f64 __attribute__((vector_size(64), aligned(8)));
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = vec_f32;
+};
+template <>
+struct Vec<double> {
+  using type = vec_f64;
+};
+
+// Output features [m0, m1) of one token tile: y[i, m] = bias[m] + sum_p val[p] * xt[col[p], i],
+// NB accumulators per feature kept in registers.
+template <typename scalar_t, int NB>
+inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __restrict__ xt,
+                                                     Csr<scalar_t> a, const scalar_t* bias,
+                                                     scalar_t* y, int64_t ldy, int64_t nb,
+                                                     int64_t m0, int64_t m1) {
+  using opmath_t = opmath<scalar_t>;
+  using V = typename Vec<opmath_t>::type;
+  constexpr int kLanes = sizeof(V) / sizeof(opmath_t);
+  for (int64_t m = m0; m < m1; ++m) {
+    opmath_t out[NB];
+    const int64_t e = a.crow[m + 1];
+    if constexpr (NB >= kLanes) {
+      constexpr int kVecs = NB / kLanes;
+      V acc[kVecs];
+      for (int j = 0; j < kVecs; ++j) {
+        acc[j] = V{};
+      }
+      for (int64_t p = a.crow[m]; p < e; ++p) {
+        const opmath_t v = static_cast<opmath_t>(a.val[p]);
+        const V* xr = reinterpret_cast<const V*>(xt + static_cast<int64_t>(a.col[p]) * NB);
+        for (int j = 0; j < kVecs; ++j) {
+          acc[j] += v * xr[j];
+        }
+      }
+      std::memcpy(out, acc, sizeof(out));
+    } else {
+      for (int i = 0; i < NB; ++i) {
+        out[i] = opmath_t(0);
+      }
+      for (int64_t p = a.crow[m]; p < e; ++p) {
+        const opmath_t v = static_cast<opmath_t>(a.val[p]);
+        const opmath_t* xr = xt + static_cast<int64_t>(a.col[p]) * NB;
+        for (int i = 0; i < NB; ++i) {
+          out[i] += v * xr[i];
+        }
+      }
+    }
+    const opmath_t b = bias != nullptr ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
+    for (int64_t i = 0; i < nb; ++i) {
+      y[i * ldy + m] = static_cast<scalar_t>(out[i] + b);
+    }
+  }
+}
+
+template <typename scalar_t>
+DST_CPU_CLONES void tile_rows_any(const opmath<scalar_t>* xt, Csr<scalar_t> a, const scalar_t* bias,
+                                  scalar_t* y, int64_t ldy, int64_t nb, int nbw, int64_t m0,
+                                  int64_t m1) {
+  switch (nbw) {
+    case 1:
+      return tile_rows<scalar_t, 1>(xt, a, bias, y, ldy, nb, m0, m1);
+    case 2:
+      return tile_rows<scalar_t, 2>(xt, a, bias, y, ldy, nb, m0, m1);
+    case 4:
+      return tile_rows<scalar_t, 4>(xt, a, bias, y, ldy, nb, m0, m1);
+    case 8:
+      return tile_rows<scalar_t, 8>(xt, a, bias, y, ldy, nb, m0, m1);
+    case 16:
+      return tile_rows<scalar_t, 16>(xt, a, bias, y, ldy, nb, m0, m1);
+    case 32:
+      return tile_rows<scalar_t, 32>(xt, a, bias, y, ldy, nb, m0, m1);
+    default:
+      return tile_rows<scalar_t, 64>(xt, a, bias, y, ldy, nb, m0, m1);
+  }
+}
+
+// y[n, m] = bias[m] + sum_k x[n, k] A[m, k]: x is [n_rows, k] row-major, A is [m_rows, k]
+// in CSR, y is [n_rows, m_rows] row-major. Parallel over (token tile, output feature)
+// pairs, tile-major, so a thread packs each of its tiles once.
+template <typename scalar_t>
+void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t m_rows,
+          int64_t nnz, const scalar_t* bias, scalar_t* y) {
+  using opmath_t = opmath<scalar_t>;
+  if (n_rows == 0 || m_rows == 0) {
+    return;
+  }
+  const int nb_full = tile_width(k, sizeof(opmath_t));
+  const int64_t tiles = (n_rows + nb_full - 1) / nb_full;
+  const int64_t items = tiles * m_rows;
+  // Work of one (tile, feature) item in multiply-adds, packing included.
+  const int64_t per_item =
+      std::max<int64_t>(1, (nnz / m_rows + 1) * nb_full + (k * nb_full) / m_rows);
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / per_item);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    const int64_t buffer = k * std::min<int64_t>(nb_full, pow2_at_least(n_rows));
+    std::unique_ptr<opmath_t[]> xt(new opmath_t[std::max<int64_t>(buffer, 1)]);
+    for (int64_t it = begin; it < end;) {
+      const int64_t tile = it / m_rows;
+      const int64_t m0 = it % m_rows;
+      const int64_t m1 = std::min(m_rows, m0 + (end - it));
+      const int64_t n0 = tile * nb_full;
+      const int64_t nb = std::min<int64_t>(nb_full, n_rows - n0);
+      const int nbw = nb == nb_full ? nb_full : pow2_at_least(nb);
+      pack_tile(x + n0 * k, k, k, nb, nbw, xt.get());
+      tile_rows_any<scalar_t>(xt.get(), a, bias, y + n0 * m_rows, m_rows, nb, nbw, m0, m1);
+      it += m1 - m0;
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------- compressed P
+
+struct Compressed {
+  Tensor crow;  // int32 [rows + 1]
+  Tensor col;   // int32 [nnz]
+  Tensor val;   // weight dtype [nnz]
+};
+
+// CSR of P from the kept count of every row (the mask pass's counts).
+template <typename scalar_t>
+Compressed csr_from_counts(const Tensor& w, const scalar_t* t, const int64_t* counts) {
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  Tensor crow = at::empty({rows + 1}, w.options().dtype(at::kInt));
+  int32_t* cp = crow.mutable_data_ptr<int32_t>();
+  int64_t total = 0;
+  cp[0] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    total += counts[r];
+    cp[r + 1] = static_cast<int32_t>(total);
+  }
+  Tensor col = at::empty({total}, w.options().dtype(at::kInt));
+  Tensor val = at::empty({total}, w.options());
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  int32_t* colp = col.mutable_data_ptr<int32_t>();
+  scalar_t* valp = val.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / cols), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      compress_row(wp + r * cols, t[r], cols, colp + cp[r], valp + cp[r]);
+    }
+  });
+  return {crow, col, val};
+}
+
+template <typename scalar_t>
+Compressed csr_rows(const Tensor& w, const scalar_t* t) {
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  std::vector<int64_t> counts(rows);
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / cols), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      counts[r] = count_row(wp + r * cols, t[r], cols);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    total += c;
+  }
+  TORCH_CHECK(total <= kMaxIndex, "dst_sparse_mask: ", total,
+              " kept weights do not fit the int32 indices of the compressed form");
+  return csr_from_counts(w, t, counts.data());
+}
+
+int64_t col_grain(int64_t rows, int64_t cols) {
+  return rows * cols < kGrainElements ? cols : std::max<int64_t>(16, kGrainElements / rows);
+}
+
+// Column counts of P (= row counts of P^T), and with out set the mask pass into out.
+template <typename scalar_t>
+std::vector<int32_t> count_cols(const Tensor& w, const scalar_t* t, scalar_t* out) {
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  std::vector<int32_t> cnt(cols, 0);
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  at::parallel_for(0, cols, col_grain(rows, cols), [&](int64_t c0, int64_t c1) {
+    mask_count_cols(wp, t, out, rows, cols, c0, c1, cnt.data());
+  });
+  return cnt;
+}
+
+// CSR of P^T ([cols, rows]) from the column counts.
+template <typename scalar_t>
+Compressed csr_transposed_from_counts(const Tensor& w, const scalar_t* t,
+                                      const std::vector<int32_t>& cnt) {
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  Tensor crow = at::empty({cols + 1}, w.options().dtype(at::kInt));
+  int32_t* cp = crow.mutable_data_ptr<int32_t>();
+  int64_t total = 0;
+  cp[0] = 0;
+  for (int64_t j = 0; j < cols; ++j) {
+    total += cnt[j];
+    cp[j + 1] = static_cast<int32_t>(total);
+  }
+  Tensor idx = at::empty({total}, w.options().dtype(at::kInt));
+  Tensor val = at::empty({total}, w.options());
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  int32_t* ip = idx.mutable_data_ptr<int32_t>();
+  scalar_t* vp = val.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, cols, col_grain(rows, cols), [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> pos(cp + c0, cp + c1);
+    fill_cols(wp, t, rows, cols, c0, c1, pos.data(), ip, vp);
+  });
+  return {crow, idx, val};
+}
+
+int64_t sum_counts(const std::vector<int32_t>& cnt) {
+  int64_t total = 0;
+  for (int32_t c : cnt) {
+    total += c;
+  }
+  return total;
+}
+
+bool take_sparse(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
+  if (kept > kMaxIndex || in > kMaxIndex || out > kMaxIndex) {
+    return false;
+  }
+  switch (static_cast<SparseMode>(g_sparse_mode.load(std::memory_order_relaxed))) {
+    case SparseMode::kAlways:
+      return true;
+    case SparseMode::kNever:
+      return false;
+    default:
+      return static_cast<double>(kept) <
+             sparse_crossover(tokens, in, out) * static_cast<double>(in * out);
+  }
+}
+
+// ----------------------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor, Tensor> dst_sparse_mask_cpu(const Tensor& weight,
+                                                       const Tensor& threshold, bool transpose) {
+  check_weight_threshold("dst_sparse_mask", weight, threshold);
+  const Tensor w = weight.contiguous();
+  const Tensor t = threshold.contiguous();
+  const int64_t rows = w.size(0);
+  const int64_t cols = w.numel() / rows;
+  TORCH_CHECK(rows < kMaxIndex && cols < kMaxIndex, "dst_sparse_mask: weight of shape ",
+              weight.sizes(), " is too large for the int32 indices of the compressed form");
+  Compressed c;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, w.scalar_type(), "dst_sparse_mask", [&] {
+        const scalar_t* tp = t.const_data_ptr<scalar_t>();
+        check_finite_thresholds(tp, rows);
+        if (transpose) {
+          const auto cnt = count_cols<scalar_t>(w, tp, nullptr);
+          TORCH_CHECK(sum_counts(cnt) <= kMaxIndex, "dst_sparse_mask: ", sum_counts(cnt),
+                      " kept weights do not fit the int32 indices of the compressed form");
+          c = csr_transposed_from_counts(w, tp, cnt);
+        } else {
+          c = csr_rows(w, tp);
+        }
+      });
+  return {c.crow, c.col, c.val};
+}
+
+void check_csr(const char* op, const Tensor& crow, const Tensor& col, const Tensor& values,
+               int64_t k) {
+  TORCH_CHECK(crow.scalar_type() == at::kInt && col.scalar_type() == at::kInt, op,
+              ": crow_indices and col_indices must be int32, got ", crow.scalar_type(), " and ",
+              col.scalar_type());
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1, op,
+              ": crow_indices must be 1-D with rows + 1 entries, got shape ", crow.sizes());
+  TORCH_CHECK(col.dim() == 1 && values.dim() == 1 && col.numel() == values.numel(), op,
+              ": col_indices and values must be 1-D of the same length, got ", col.sizes(), " and ",
+              values.sizes());
+  TORCH_CHECK(crow.is_contiguous() && col.is_contiguous() && values.is_contiguous(), op,
+              ": the compressed tensors must be contiguous; try .contiguous()");
+  const int32_t* cp = crow.const_data_ptr<int32_t>();
+  const int64_t rows = crow.numel() - 1;
+  TORCH_CHECK(cp[0] == 0 && cp[rows] == col.numel(), op,
+              ": crow_indices must start at 0 and end at nnz = ", col.numel(), ", got ", cp[0],
+              " and ", cp[rows]);
+  bool ordered = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    ordered &= cp[r] <= cp[r + 1];
+  }
+  TORCH_CHECK(ordered, op, ": crow_indices must be non-decreasing");
+  const int32_t* ip = col.const_data_ptr<int32_t>();
+  bool in_range = true;
+  const int64_t nnz = col.numel();
+#pragma omp simd reduction(& : in_range)
+  for (int64_t p = 0; p < nnz; ++p) {
+    in_range &= ip[p] >= 0 && ip[p] < k;
+  }
+  TORCH_CHECK(in_range, op, ": col_indices must lie in [0, ", k,
+              ") (the features of x's last dimension)");
+}
+
+Tensor dst_sparse_mm_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
+                         const Tensor& values, const std::optional<Tensor>& bias) {
+  const char* op = "dst_sparse_mm";
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension, got a scalar");
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values have dtype ",
+              values.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK(
+      crow.device() == x.device() && col.device() == x.device() && values.device() == x.device(),
+      op, ": x and the compressed tensors must be on one device");
+  const int64_t k = x.size(-1);
+  check_csr(op, crow, col, values, k);
+  const int64_t m = crow.numel() - 1;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == m, op, ": bias must have shape [", m,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
+                ": bias must have x's dtype and device");
+  }
+  const Tensor x2 = x.reshape({-1, k}).contiguous();
+  const int64_t n = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(m);
+  Tensor y = at::empty(out_shape, x.options());
+  const Tensor b = has_bias ? bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dst_sparse_mm", [&] {
+    spmm<scalar_t>(x2.const_data_ptr<scalar_t>(), n, k,
+                   {crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+                    values.const_data_ptr<scalar_t>()},
+                   m, col.numel(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                   y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+// dst_linear on the CPU: the mask pass (P, t_eff, and the kept count of every row); below
+// the crossover the CSR of P from those counts and y = x P^T + b from it, else ATen's GEMM.
+std::tuple<Tensor, Tensor, Tensor> dst_linear_cpu(const Tensor& x, const Tensor& weight,
+                                                  const Tensor& threshold,
+                                                  const std::optional<Tensor>& bias,
+                                                  std::optional<double> min_density) {
+  TORCH_CHECK(weight.dim() == 2, "dst_linear: weight must be 2-D [out, in], got ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "dst_linear: x must have ",
+              weight.size(1), " features in its last dimension, got ", x.sizes());
+  check_weight_threshold("dst_linear", weight, threshold);
+  const int64_t rows = weight.size(0);
+  const int64_t cols = weight.size(1);
+  Tensor masked = at::empty_like(weight);
+  Tensor t_eff = threshold.contiguous().clone();
+  std::vector<int64_t> counts(rows);
+  const int64_t kept = cpu::mask_into(weight, min_density, masked, t_eff, counts.data());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool plain = x.scalar_type() == weight.scalar_type() &&
+                     (!has_bias || (bias->scalar_type() == weight.scalar_type() &&
+                                    bias->dim() == 1 && bias->size(0) == rows));
+  const int64_t tokens = x.numel() / cols;
+  if (!plain || x.numel() == 0 || !take_sparse(kept, tokens, cols, rows)) {
+    return {at::linear(x, masked, bias), masked, t_eff};
+  }
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_linear", [&] {
+        const Compressed c =
+            csr_from_counts<scalar_t>(weight, t_eff.const_data_ptr<scalar_t>(), counts.data());
+        y = dst_sparse_mm_cpu(x, c.crow, c.col, c.val, bias);
+      });
+  return {y, masked, t_eff};
+}
+
+// dX = dY P. One column-parallel pass writes P and counts each column's kept weights;
+// below the crossover dX comes from the CSR of P^T, else from ATen's GEMM with P.
+Tensor dst_linear_grad_input_cpu(const Tensor& grad_y, const Tensor& weight,
+                                 const Tensor& threshold) {
+  TORCH_CHECK(weight.dim() == 2, "dst_linear_grad_input: weight must be 2-D [out, in], got ",
+              weight.sizes());
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0),
+              "dst_linear_grad_input: grad_y must have ", weight.size(0),
+              " features in its last dimension, got ", grad_y.sizes());
+  check_weight_threshold("dst_linear_grad_input", weight, threshold);
+  const int64_t rows = weight.size(0);
+  const int64_t cols = weight.size(1);
+  const Tensor t = threshold.contiguous();
+  Tensor masked = at::empty_like(weight);
+  Tensor grad_x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_linear_grad_input", [&] {
+        const scalar_t* tp = t.const_data_ptr<scalar_t>();
+        check_finite_thresholds(tp, rows);
+        const auto cnt = count_cols<scalar_t>(weight, tp, masked.mutable_data_ptr<scalar_t>());
+        const int64_t kept = sum_counts(cnt);
+        const int64_t tokens = grad_y.numel() / rows;
+        if (grad_y.scalar_type() != weight.scalar_type() || grad_y.numel() == 0 ||
+            !take_sparse(kept, tokens, cols, rows)) {
+          grad_x = grad_y.matmul(masked);
+          return;
+        }
+        const Compressed c = csr_transposed_from_counts<scalar_t>(weight, tp, cnt);
+        grad_x = dst_sparse_mm_cpu(grad_y, c.crow, c.col, c.val, std::nullopt);
+      });
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace dst
+
+TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {
+  m.impl("dst_sparse_mask", &dst::dst_sparse_mask_cpu);
+  m.impl("dst_sparse_mm", &dst::dst_sparse_mm_cpu);
+  m.impl("dst_linear", &dst::dst_linear_cpu);
+  m.impl("dst_linear_grad_input", &dst::dst_linear_grad_input_cpu);
+}
