@@ -330,7 +330,9 @@ def _plan(model, include, exclude, min_density, backend, include_frozen):
             dense.append(SparsifyEntry(name, type_name, weights, reason=reason))
 
         if rule is None:
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if isinstance(module, nn.RNNBase):
+                leave("an RNN other than exact nn.LSTM / nn.GRU (an RNN reads _flat_weights, not attributes)")
+            elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 leave("embedding table: DST masks layer weights (Linear, Conv, RNN), not embeddings")
             else:
                 leave("no masking rule for this type (add one with dst.register_layer)")

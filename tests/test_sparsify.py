@@ -655,3 +655,13 @@ def test_lazy_layers_are_left_dense_until_materialised():
     model(torch.randn(3, 5))  # materialise: LazyLinear becomes nn.Linear
     dst.sparsify(model)
     assert type(model[0]) is dst.DSTLinear and type(model[2]) is dst.DSTLinear
+
+
+def test_rnn_subclasses_and_plain_rnns_are_left_dense_and_said_so():
+    class MyLSTM(nn.LSTM):
+        pass
+
+    summary = dst.plan_sparsify(nn.ModuleList([MyLSTM(3, 4), nn.RNN(3, 4)]))
+    assert not summary.converted
+    assert [e.name for e in summary.dense] == ["0", "1"]
+    assert all("exact nn.LSTM / nn.GRU" in e.reason for e in summary.dense)
