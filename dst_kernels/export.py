@@ -7,9 +7,10 @@ import copy
 import torch
 from torch import nn
 
+from dst_kernels.compact import compact
 from dst_kernels.nn import is_dst_layer
 
-__all__ = ["fold", "dense_state_dict"]
+__all__ = ["compact", "fold", "dense_state_dict"]
 
 
 def fold(model: nn.Module) -> nn.Module:
