@@ -231,6 +231,22 @@ class DensityController:
         kept = torch.stack([m.kept().to(torch.float64) for m in self._layers])
         return (kept / self._size_t).float()
 
+    def __call__(self, global_step: int) -> torch.Tensor:
+        """``alpha`` for a loop that counts its own steps (``dst_kernels.train``'s ``alpha_fn``).
+
+        ``global_step`` is the number of optimiser steps done so far; the controller catches
+        up to it (updating when a multiple of ``every`` is reached) and returns :attr:`alpha`.
+        Calling it again with the same step changes nothing.
+        """
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
+        if global_step != self.steps:
+            due = global_step // self.every > self.steps // self.every
+            self.steps = global_step
+            if due:
+                self.update()
+        return self.alpha
+
     @torch.no_grad()
     def step(self) -> None:
         """Count one optimiser step; every ``every`` steps, measure and update alpha."""

@@ -30,6 +30,8 @@ def threshold_penalty(threshold: torch.Tensor) -> torch.Tensor:
     thresholds' dtype. No host synchronisation; traceable by ``torch.compile``.
     """
     t = threshold.float() if threshold.dtype in (torch.float16, torch.bfloat16) else threshold
-    clamped = t.clamp(min=-EXP_LINEAR_BELOW)
+    # torch.where saves only its condition for backward (clamp would save t itself): the reset
+    # rule updates thresholds in place during the forward, which may run after this.
+    clamped = torch.where(t < -EXP_LINEAR_BELOW, -EXP_LINEAR_BELOW, t)
     # (clamped - t) is 0 for t >= -c and -c - t > 0 below: exp(c) * (1 + (-c - t)) there.
     return (torch.exp(-clamped) * (1.0 + (clamped - t))).sum()

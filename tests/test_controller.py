@@ -110,6 +110,32 @@ def test_every_update_runs_on_the_device_without_a_host_read():
     assert controller.alpha.device.type == "meta"
 
 
+def test_called_with_the_global_step_it_updates_like_step():
+    """The ``alpha_fn(global_step)`` form: same alphas as step(), repeated calls change nothing."""
+    torch.manual_seed(0)
+    x, y = _data()
+    a, b = _net(), _net()
+    b.load_state_dict(a.state_dict())
+    by_step = DensityController(a, 0.2, alpha=1e-3, every=3)
+    by_call = DensityController(b, 0.2, alpha=1e-3, every=3)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    for s in range(10):
+        i = (s * 64) % len(x)
+        alpha = by_call(s)
+        assert by_call(s) is alpha and by_call.steps == s
+        for model, opt, penalty in ((a, opt_a, by_step.penalty()), (b, opt_b, by_call.penalty())):
+            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]) + penalty
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        by_step.step()
+        assert torch.equal(by_step.alpha, by_call(s + 1))
+    assert by_call.updates == by_step.updates == 3
+    with pytest.raises(ValueError, match="global_step"):
+        by_call(-1)
+
+
 def test_setpoint_ramps_from_one_to_the_target():
     model = _net()
     flat = DensityController(model, 0.05)

@@ -100,6 +100,21 @@ def test_penalty_tail_is_linear_and_finite():
     assert not torch.isfinite(torch.exp(-t.detach()[:3])).all()  # what it replaces
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regulariser_before_the_forward_survives_the_reset_rule(backend):
+    """The reset rule writes the thresholds in place during a training forward: a regulariser
+    computed before it must not have saved them for backward (exp(-t) does not; neither may we)."""
+    model = _net(backend)
+    with torch.no_grad():
+        model[0].threshold.fill_(10.0)  # the reset fires in the forward below
+    reg = 1e-3 * dst.sparsity_loss(model)
+    loss = reg + model(torch.randn(8, 32)).square().mean()
+    loss.backward()
+    assert torch.equal(model[0].threshold.detach(), torch.zeros(64))
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_thresholds_are_summed_in_float32(dtype):
     layer = dst.DSTLinear(4, 8192, dtype=dtype)
