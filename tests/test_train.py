@@ -96,8 +96,12 @@ def cifar_dir(tmp_path):
 
 
 def run_cli(capsys, *argv, on_step=None):
-    """(exit status, stderr) of an in-process ``dst-train`` run."""
-    rc = cli.main([str(a) for a in argv], on_step=on_step)
+    """(exit status, stderr) of an in-process ``dst-train`` run, on the CPU unless ``--device``
+    is given (bit-identical resume is a CPU promise; GPU runs are marked ``cuda``)."""
+    argv = [str(a) for a in argv]
+    if "--device" not in argv and "--resume" not in argv:
+        argv += ["--device", "cpu"]
+    rc = cli.main(argv, on_step=on_step)
     return rc, capsys.readouterr().err
 
 
@@ -410,7 +414,7 @@ def test_out_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, mnist
     assert "already complete" in err
     rc, err = run_cli(capsys, *base, "--overwrite", "--seed", "1")
     assert rc == 0, err
-    assert json.loads((out / "summary.json").read_text())["command"].endswith("--seed 1")
+    assert json.loads((out / "summary.json").read_text())["command"].endswith("--seed 1 --device cpu")
     err = _one_line_error(*run_cli(capsys, "--out", tmp_path / "empty", "--resume"))
     assert "last.pt not found" in err
 
@@ -495,7 +499,16 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, mnist_dir, capsys):
     how to resume, and the resumed run continues from there."""
     out = tmp_path / "run"
     argv = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "500", "--limit-batches", "2"]
-    argv += ["--no-dense-baseline", "--no-progress", "--save-every", "1000", "--out", str(out)]
+    argv += [
+        "--no-dense-baseline",
+        "--no-progress",
+        "--save-every",
+        "1000",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dst_kernels.train", *argv], stderr=subprocess.PIPE, text=True, env=env

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import sys
 
 import numpy as np
@@ -253,3 +255,26 @@ def test_corrupt_jpeg_is_named(tmp_path, capsys):
     rc, err = run_cli(capsys, *argv, "--no-dense-baseline", "--no-progress", "--out", tmp_path / "r")
     assert rc == 2 and str(bad) in err and "cannot be decoded" in err
     assert err.strip().splitlines()[-1].startswith("dst-train: error:")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_with_amp_and_resume(tmp_path, capsys):
+    folder = write_cifar(tmp_path / "data", per_batch=16, n_test=16)
+    out = tmp_path / "run"
+    argv = ["--dataset", "cifar10", "--data-dir", folder, "--epochs", "2", "--limit-batches", "2"]
+    argv += ["--batch-size", "8", "--device", "cuda", "--amp", "bf16", "--channels-last", "--workers", "2"]
+    argv += ["--no-progress", "--out", out]
+    stop = {"label": "dst", "n": 2}
+
+    def hook(trainer):
+        if trainer.label == stop["label"] and trainer.global_step == stop["n"]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    rc, err = run_cli(capsys, *argv, on_step=hook)
+    assert rc == 130, err
+    rc, err = run_cli(capsys, "--out", out, "--resume")
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["peak_memory"]["kind"].startswith("cuda")
+    assert summary["dst_train"]["steps"] == 4 and "gpu" in summary["versions"]

@@ -619,6 +619,9 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
     except D.UsageError as e:
         print(f"dst-train: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dst-train: interrupted while reading the data; nothing to save", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(
         f"dst-train: {args.model} on {args.dataset} ({len(run.train_set)} train / {len(run.test_set)} test), "
         f"{args.epochs} epochs, alpha {args.alpha:g}, device {args.device}"
