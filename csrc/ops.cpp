@@ -78,6 +78,9 @@ TORCH_LIBRARY(dst_kernels, m) {
   // When the CPU dst_linear kernels use the sparse path: 0 auto (the measured density
   // crossover), 1 always, 2 never; -1 only queries. Returns the previous mode.
   m.def("sparse_mode(int mode=-1) -> int", &dst::sparse_mode);
+  // The density below which they do so in auto mode, for a layer of that shape.
+  m.def("sparse_crossover(int tokens, int in_features, int out_features) -> float",
+        &dst::sparse_crossover);
   m.def(
       "dst_conv2d(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, float? min_density) -> (Tensor, Tensor, "

@@ -9,8 +9,9 @@ from torch import nn
 
 from dst_kernels.compact import compact
 from dst_kernels.nn import is_dst_layer
+from dst_kernels.sparse import SparseLinear, load_sparse, save_sparse, to_sparse
 
-__all__ = ["compact", "fold", "dense_state_dict"]
+__all__ = ["compact", "fold", "dense_state_dict", "to_sparse", "save_sparse", "load_sparse", "SparseLinear"]
 
 
 def fold(model: nn.Module) -> nn.Module:
