@@ -68,6 +68,29 @@ OP_SHAPES = {
     "gpu-quick": [(4096, 4096)],
     "gpu": [(300, 784), (4096, 4096), (11008, 4096)],
 }
+# The sparse family (bench_sparse.py): DSTLinear training steps (tokens, in, out) and
+# LeNet-300-100 inference (batch, 784, 300, 100), each at the densities listed.
+SPARSE_STEP = {
+    "smoke": [(3, 7, 5)],
+    "cpu": [(64, 784, 300), (256, 1024, 1024), (1024, 4096, 1024)],
+    "cpu-full": [(64, 784, 300), (256, 1024, 1024), (1024, 4096, 1024)],
+    "gpu-quick": [],
+    "gpu": [],
+}
+SPARSE_INFERENCE = {
+    "smoke": [(2, 784, 300, 100)],
+    "cpu": [(64, 784, 300, 100), (1, 784, 300, 100)],
+    "cpu-full": [(64, 784, 300, 100), (1, 784, 300, 100)],
+    "gpu-quick": [],
+    "gpu": [],
+}
+SPARSE_DENSITIES = {
+    "smoke": [0.03],
+    "cpu": [0.03, 1.0],
+    "cpu-full": [0.03, 0.1, 1.0],
+    "gpu-quick": [],
+    "gpu": [],
+}
 DTYPES = {
     "smoke": [torch.float32],
     "cpu": [torch.float32],
@@ -94,13 +117,23 @@ OP_MODE = {"mask": "forward", "weight_grad": "backward"}
 
 
 def cases_for(size: str, device: str, ops=None) -> list[Case]:
-    table = {"linear": LINEAR, "conv2d": CONV2D, "lstm": LSTM, "mask": OP_SHAPES, "weight_grad": OP_SHAPES}
+    table = {
+        "linear": LINEAR,
+        "conv2d": CONV2D,
+        "lstm": LSTM,
+        "mask": OP_SHAPES,
+        "weight_grad": OP_SHAPES,
+        "sparse": SPARSE_STEP,
+    }
     unknown = set(ops or ()) - set(table)
     if unknown:
         raise SystemExit(f"unknown op families {sorted(unknown)}; choose from {sorted(table)}")
     out = []
     for op, shapes in table.items():
         if ops and op not in ops:
+            continue
+        if op == "sparse":
+            out += _sparse_cases(size, device)
             continue
         for mode in [OP_MODE[op]] if op in OP_MODE else MODES[size]:
             for dtype in DTYPES[size]:
@@ -113,4 +146,15 @@ def cases_for(size: str, device: str, ops=None) -> list[Case]:
                     ):
                         continue  # forward-only on the first shape of each family
                     out.append(Case(op, shape, dtype, mode, device))
+    return out
+
+
+def _sparse_cases(size: str, device: str) -> list[Case]:
+    if device != "cpu":
+        return []  # the sparse kernels are CPU kernels; GPU: see the README's design note
+    out = []
+    for density in SPARSE_DENSITIES[size]:
+        out += [Case("sparse", s, torch.float32, "step", device, density) for s in SPARSE_STEP[size]]
+    for density in SPARSE_DENSITIES[size][:1]:
+        out += [Case("sparse", s, torch.float32, "forward", device, density) for s in SPARSE_INFERENCE[size]]
     return out

@@ -20,7 +20,18 @@ import dst_kernels as dst
 from benchmarks.baselines import IGemmConv2d, PaperConv2d, PaperLinear, fake_sparsity
 
 # Implementations, in report order; "dense" is the denominator of every ratio.
-IMPLS = ("dense", "paper", "paper-sync", "ao-fakesparsity", "reference", "native", "triton", "triton-igemm")
+IMPLS = (
+    "dense",
+    "paper",
+    "paper-sync",
+    "ao-fakesparsity",
+    "reference",
+    "torch-sparse",
+    "native-dense",
+    "native",
+    "triton",
+    "triton-igemm",
+)
 OURS = ("native", "triton", "triton-igemm")
 
 
@@ -33,6 +44,7 @@ class Case:
     dtype: torch.dtype
     mode: str  # forward | backward | step
     device: str
+    density: float | None = None  # sparse family: the kept fraction the thresholds are set for
 
     @property
     def dtype_name(self) -> str:
@@ -47,6 +59,10 @@ LAYER_OPS = ("linear", "conv2d", "lstm")
 
 
 def available_impls(case: Case) -> list[str]:
+    if case.op == "sparse":
+        from benchmarks.bench_sparse import sparse_impls
+
+        return sparse_impls(case)
     if case.op == "lstm":
         names = ["dense", "reference"]
     elif case.op in ("mask", "weight_grad"):
@@ -205,6 +221,8 @@ def impl_target(impl: str, case: Case):
     """What ``impl`` resolves to for ``case``: the op function, or the layer's type and backend."""
     if case.op in ("mask", "weight_grad"):
         return op_target(impl, case.op)
+    if case.op == "sparse":  # bench_sparse builds a distinct model or mode per name
+        return ("sparse", case.mode, impl)
     layer = build_layer(impl, _tiny(case))
     return type(layer), getattr(layer, "backend", None), getattr(layer, "sync", None)
 
@@ -248,6 +266,10 @@ def build_step(impl: str, case: Case) -> Callable[[], None]:
         return make_step(build_layer(impl, case), make_input(case), case)
     if case.op in ("mask", "weight_grad"):
         return _op_step(impl, case)
+    if case.op == "sparse":
+        from benchmarks.bench_sparse import build_sparse_step
+
+        return build_sparse_step(impl, case)
     raise ValueError(f"unknown op {case.op!r}")
 
 
@@ -337,6 +359,7 @@ def measure(
                 "shape": list(case.shape),
                 "dtype": dtype_name(case.dtype),
                 "mode": case.mode,
+                "density": case.density,
                 "median_ms": statistics.median(s),
                 "iqr_ms": q[2] - q[0],
                 "peak_mem_bytes": peaks.get(impl),

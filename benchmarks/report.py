@@ -10,7 +10,9 @@ from benchmarks.harness import IMPLS, OURS
 def _groups(records):
     groups = defaultdict(dict)
     for r in records:
-        groups[(r["op"], r["mode"], r["dtype"], tuple(r["shape"]))][r["impl"]] = r
+        # the sparse family's density axis shows as the shape's last entry
+        density = (r["density"],) if r.get("density") is not None else ()
+        groups[(r["op"], r["mode"], r["dtype"], tuple(r["shape"]) + density)][r["impl"]] = r
     return groups
 
 
@@ -25,7 +27,7 @@ def ratios(results: dict) -> dict:
             t = impls[ours]["median_ms"]
             if dense:
                 out[key + (f"{ours}/dense",)] = t / dense["median_ms"]
-            for base in ("paper", "paper-sync", "reference"):
+            for base in ("paper", "paper-sync", "reference", "native-dense", "torch-sparse"):
                 if base in impls:
                     out[key + (f"{base}/{ours}",)] = impls[base]["median_ms"] / t
     return out
@@ -49,7 +51,10 @@ def write_report(results: dict, path: str) -> None:
         present = [i for i in IMPLS if any(i in impls for _, impls in rows)]
         ours = [o for o in OURS if o in present]
         ratio_cols = [f"{o}/dense" for o in ours if "dense" in present] + [
-            f"{b}/{o}" for o in ours for b in ("paper", "reference") if b in present
+            f"{b}/{o}"
+            for o in ours
+            for b in ("paper", "reference", "native-dense", "torch-sparse")
+            if b in present
         ]
         lines += ["", f"## {op} {mode} ({dtype})", ""]
         lines.append("| shape | " + " | ".join(present + ratio_cols) + " |")

@@ -1,0 +1,195 @@
+"""Sparse family: execution on the kept weights only.
+
+Cases have a ``density`` (thresholds set per row to keep that fraction; reset rule off):
+
+* mode ``step``, shape ``(tokens, in, out)``: one training step of a ``DSTLinear`` layer
+  inside a network (gradients of x, W, t and b): ``dense`` (``nn.Linear``), ``native``
+  (the native backend, which takes the sparse kernels below the density crossover) and
+  ``native-dense`` (the native backend held on its dense GEMMs, as before the sparse
+  kernels);
+* mode ``forward``, shape ``(batch, 784, 300, 100)``: LeNet-300-100 inference, eval mode,
+  no grad: ``dense`` (``export.fold``), ``torch-sparse`` (the folded weights as
+  ``torch.sparse_csr`` tensors) and ``native`` (``export.to_sparse``).
+
+``python -m benchmarks.bench_sparse`` sweeps densities and prints where the sparse path of
+the training step overtakes the dense one, per shape (the crossover table of
+``csrc/cpu/sparse.cpp`` comes from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import dst_kernels as dst
+from benchmarks.common import run_case
+from dst_kernels.sparse import sparse_mode
+
+OP = "sparse"
+
+
+def test_sparse(benchmark, case, bench_records, bench_size):
+    run_case(benchmark, case, bench_records, bench_size)
+
+
+def sparse_impls(case) -> list[str]:
+    if case.mode == "forward":
+        return ["dense", "torch-sparse", "native"]
+    return ["dense", "native-dense", "native"]
+
+
+def _thresholds_for(weight: torch.Tensor, density: float) -> torch.Tensor:
+    w = weight.detach().abs().float()
+    if density >= 1.0:
+        return torch.full((weight.shape[0],), -1.0, dtype=weight.dtype, device=weight.device)
+    return torch.quantile(w, 1.0 - density, dim=1).to(weight.dtype)
+
+
+def _dst_linear(k: int, n: int, density: float, dtype) -> dst.DSTLinear:
+    torch.manual_seed(0)
+    layer = dst.DSTLinear(k, n, min_density=None, backend="native", dtype=dtype)
+    with torch.no_grad():
+        layer.threshold.copy_(_thresholds_for(layer.weight, density))
+    return layer.train()
+
+
+def _held(mode: str, fn):
+    def run():
+        with sparse_mode(mode):
+            fn()
+
+    return run
+
+
+def _training_step(impl: str, case):
+    tokens, k, n = case.shape
+    if impl == "dense":
+        torch.manual_seed(0)
+        layer = nn.Linear(k, n, dtype=case.dtype)
+    else:
+        layer = _dst_linear(k, n, case.density, case.dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, k, generator=g).to(case.dtype).requires_grad_(True)
+    grad = torch.randn(tokens, n, generator=g).to(case.dtype)
+    wrt = [*layer.parameters(), x]
+
+    def step():
+        torch.autograd.grad(layer(x), wrt, grad)
+
+    return _held("never", step) if impl == "native-dense" else step
+
+
+class _TorchSparseLinear(nn.Module):
+    """A folded Linear whose weight is a ``torch.sparse_csr`` tensor (the plain-PyTorch peer)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to_sparse_csr()
+        self.bias = linear.bias.detach()
+
+    def forward(self, x):
+        return torch.addmm(self.bias[:, None], self.weight, x.t()).t()
+
+
+def _lenet(density: float) -> nn.Module:
+    from dst_kernels.train.models import lenet_300_100
+
+    torch.manual_seed(0)
+    model = dst.sparsify(lenet_300_100(), backend="native")
+    with torch.no_grad():
+        for m in model.modules():
+            if dst.is_dst_layer(m):
+                m.threshold.copy_(_thresholds_for(m.weight, density))
+    return model.eval()
+
+
+def _inference_step(impl: str, case):
+    batch = case.shape[0]
+    model = _lenet(case.density)
+    if impl == "native":
+        net = dst.export.to_sparse(model, max_density=1.0)
+    else:
+        net = dst.export.fold(model)
+        if impl == "torch-sparse":
+            for i, m in enumerate(net):
+                if type(m) is nn.Linear:
+                    net[i] = _TorchSparseLinear(m)
+    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(case.dtype)
+
+    def step():
+        with torch.no_grad():
+            net(x)
+
+    return step
+
+
+def build_sparse_step(impl: str, case):
+    """The timed callable of ``impl`` for a case of the sparse family."""
+    if case.mode == "forward":
+        return _inference_step(impl, case)
+    return _training_step(impl, case)
+
+
+# ----------------------------------------------------------------------------- crossover sweep
+
+
+def _median_times(steps: dict, rounds: int, inner: int) -> dict:
+    samples = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                steps[name]()
+            samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def sweep(shape, densities, rounds: int) -> list[tuple[float, float, float]]:
+    """(density, sparse-path step / dense-path step, dense-path step / nn.Linear step) per density."""
+    from benchmarks.harness import Case
+
+    rows = []
+    for density in densities:
+        case = Case(OP, shape, torch.float32, "step", "cpu", density)
+        layer_step = _training_step("native", case)
+        steps = {
+            "sparse": _held("always", layer_step),
+            "dense-path": _held("never", layer_step),
+            "linear": _training_step("dense", case),
+        }
+        for fn in steps.values():
+            fn()
+        work = shape[0] * shape[1] * shape[2]
+        found = _median_times(steps, rounds, max(1, min(20, int(2e8 // work))))
+        rows.append((density, found["sparse"] / found["dense-path"], found["dense-path"] / found["linear"]))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_sparse",
+        description="Density sweep of the DSTLinear training step: sparse path against dense path.",
+    )
+    p.add_argument("--shapes", default="1x784x300,64x784x300,64x300x100,256x1024x1024,1024x4096x1024")
+    p.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.3,0.5")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    densities = [float(d) for d in args.densities.split(",")]
+    for text in args.shapes.split(","):
+        shape = tuple(int(s) for s in text.split("x"))
+        rows = sweep(shape, densities, args.rounds)
+        cells = "  ".join(f"{d:.2f}:{r:.2f}" for d, r, _ in rows)
+        below = [d for d, r, _ in rows if r < 1.0]
+        print(f"{text}: sparse/dense-path {cells}  (sparse wins up to {max(below) if below else 'none'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
