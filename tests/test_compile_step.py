@@ -44,6 +44,22 @@ def _model(backend, device="cpu"):
     return model
 
 
+def _sgd(params, grads, momentum_buffers):
+    """``torch.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-4).step()`` as a function."""
+    sgd(
+        params,
+        grads,
+        momentum_buffers,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        foreach=False,
+    )
+
+
 def _make_step(model, controller, optimizer: str):
     """One training step on tensors the caller owns: params, optimiser state, controller."""
     params = list(model.parameters())
@@ -56,18 +72,7 @@ def _make_step(model, controller, optimizer: str):
         grads = list(torch.autograd.grad(loss, params))
         with torch.no_grad():
             if optimizer == "sgd":
-                sgd(
-                    params,
-                    grads,
-                    state,
-                    lr=0.05,
-                    momentum=0.9,
-                    weight_decay=1e-4,
-                    dampening=0.0,
-                    nesterov=False,
-                    maximize=False,
-                    foreach=False,
-                )
+                _sgd(params, grads, state)
             else:
                 adam(
                     params,
@@ -150,17 +155,7 @@ def test_sgd_functional_step_is_torch_optim_sgd():
         loss_b = F.cross_entropy(model_b(x), y) + 1e-2 * dst.sparsity_loss(model_b)
         grads = list(torch.autograd.grad(loss_b, params_b))
         with torch.no_grad():
-            sgd(
-                params_b,
-                grads,
-                bufs,
-                lr=0.05,
-                momentum=0.9,
-                weight_decay=1e-4,
-                dampening=0.0,
-                nesterov=False,
-                maximize=False,
-            )
+            _sgd(params_b, grads, bufs)
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
 
