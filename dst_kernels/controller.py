@@ -144,7 +144,7 @@ class DensityController:
                 raise ValueError(
                     f"floors must be 'auto', None, a float or a mapping of layer names, got {floors!r}"
                 )
-            values = [2.0 * (m.min_density or 0.0) for m in self._layers]
+            values = [2.0 * (getattr(m, "min_density", None) or 0.0) for m in self._layers]
             return torch.tensor([min(v, 0.5) for v in values], dtype=torch.float64)
         if isinstance(floors, Mapping):
             unknown = sorted(set(floors) - set(self._names))
