@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dst_kernels import functional as DF
+from dst_kernels.distributed import check_sharded_reset, full, is_dtensor, local_share
 from dst_kernels.regulariser import threshold_penalty
 
 __all__ = [
@@ -82,8 +83,9 @@ class DSTLayer:
 
     @torch.no_grad()
     def kept(self) -> torch.Tensor:
-        """Number of kept weights, as a 0-dim int64 tensor (no host sync)."""
-        return sum(m.sum() for m in self.masks().values())
+        """Number of kept weights, as a 0-dim int64 tensor (no host sync; for FSDP2-sharded
+        weights one all-reduce, so call it on every rank)."""
+        return full(sum(m.sum() for m in self.masks().values()))
 
     def total(self) -> int:
         return sum(self._parameters[w].numel() for w, _ in self._dst_pairs)
@@ -232,7 +234,11 @@ def masked_along(weight, threshold, axis: int, backend: str, min_density) -> tor
 
 
 def _regulariser(layer: DSTLayer) -> torch.Tensor:
-    return sum(threshold_penalty(t) for t in layer.thresholds())
+    thresholds = layer.thresholds()
+    if any(is_dtensor(t) for t in thresholds):  # FSDP2: each rank adds its own shards' terms
+        check_sharded_reset(layer)
+        thresholds = [local_share(t) for t in thresholds]
+    return sum(threshold_penalty(t) for t in thresholds)
 
 
 class DSTLinear(DSTLayer, nn.Linear):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from dst_kernels.distributed import full as full_tensor
 from dst_kernels.nn import is_dst_layer
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
@@ -103,7 +104,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         unmasked += p.numel()
         if p.dim() >= 2:
             dense_weights.append(name)
-    counts = torch.stack([e[2].cpu() for e in entries]).tolist() if entries else []
+    counts = torch.stack([full_tensor(e[2]).cpu() for e in entries]).tolist() if entries else []
     report = SparsityReport(
         LayerSparsity(name, shape, int(k), total, int(k) / total)
         for (name, shape, _, total), k in zip(entries, counts)

@@ -93,18 +93,7 @@ def global_batches(kind: str, world: int, micro: int = 1, per_rank: int = 3):
 def loss_fn(model_out, y, model):
     if isinstance(model_out, tuple):  # the model computed its regulariser in its forward
         return F.mse_loss(model_out[0], y) + model_out[1]
-    return F.mse_loss(model_out, y) + ALPHA * _reg(model)
-
-
-def _reg(model):
-    from torch.distributed.tensor import DTensor
-
-    total = 0
-    for n, p in model.named_parameters():
-        if "threshold" in n:
-            t = p.to_local() if isinstance(p, DTensor) else p
-            total = total + torch.exp(-t).sum()
-    return total
+    return F.mse_loss(model_out, y) + ALPHA * dst.sparsity_loss(model)
 
 
 def train_single(kind: str, backend: str, world: int, micro: int = 1) -> dict:
@@ -175,36 +164,48 @@ def ddp_worker(rank: int, world: int, store: str, out: str, backend: str) -> Non
 
 
 def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
-    """FSDP2 (fully_shard per DST layer and at the root) against the single-process step;
-    then the report, fold and a full-state-dict checkpoint on the sharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """FSDP2 over DST layers against the single-process step; then the report, a full state
+    dict (gathered, saved, loaded into a fresh sharded model), mixed precision, and the error
+    for sharded thresholds without the reset hook."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    from dst_kernels.distributed import fully_shard
 
     _init(rank, world, store)
+    full_sd = StateDictOptions(full_state_dict=True, cpu_offload=True)
     results = {}
-    model = build_model("mlp", backend).train()
-    for m in model:
-        if dst.is_dst_layer(m):
-            fully_shard(m)
-    fully_shard(model)
+    model = fully_shard(build_model("mlp", backend).train())
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     for step in global_batches("mlp", world):
         x, y = step[0][rank]
         loss_fn(model(x), y, model).backward()
         opt.step()
         opt.zero_grad()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    results["state"] = {k: v.detach().clone() for k, v in full.items()}
-    # results["report"] = dst.sparsity_report(model).rows()
-    # results["density"] = [float(m.density()) for m in model if dst.is_dst_layer(m)]
+    results["state"] = {
+        k: v.detach().clone() for k, v in get_model_state_dict(model, options=full_sd).items()
+    }
+    results["report"] = dst.sparsity_report(model).rows()
+    results["density"] = [m.density() for m in model if dst.is_dst_layer(m)]
+    results["threshold_is_dtensor"] = type(model[0].threshold).__name__
 
-    # Mixed precision: bf16 compute, fp32 gradient reduction; it trains and stays finite.
-    mp_model = build_model("mlp", backend).float().train()
+    # Checkpoint: the gathered full state dict loads into a fresh sharded model.
+    fresh = fully_shard(build_model("mlp", backend).train())
+    # cpu_offload gathers the full state on rank 0 only; broadcast it from there.
+    load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(fresh, {k: v.clone() for k, v in results["state"].items()}, options=load)
+    results["reloaded"] = {
+        k: v.detach().clone() for k, v in get_model_state_dict(fresh, options=full_sd).items()
+    }
+
+    # Mixed precision: bf16 parameters in the forward, fp32 gradient reduction.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for m in mp_model:
-        if dst.is_dst_layer(m):
-            fully_shard(m, mp_policy=policy)
-    fully_shard(mp_model, mp_policy=policy)
+    mp_model = fully_shard(build_model("mlp", backend).float().train(), mp_policy=policy)
     mp_opt = torch.optim.SGD(mp_model.parameters(), lr=LR, momentum=0.9)
     losses = []
     for step in global_batches("mlp", world):
@@ -213,13 +214,23 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
         loss.backward()
         mp_opt.step()
         mp_opt.zero_grad()
-        losses.append(float(loss))
-    results["mp_losses"] = losses
+        losses.append(loss.detach())
+    results["mp_losses"] = torch.stack(losses)
     results["mp_state"] = {
-        k: v.detach().clone()
-        for k, v in get_model_state_dict(
-            mp_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        ).items()
+        k: v.detach().clone() for k, v in get_model_state_dict(mp_model, options=full_sd).items()
     }
+
+    # torch's own fully_shard without the reset hooks: the regulariser refuses to go on.
+    plain = build_model("mlp", backend).train()
+    for m in plain:
+        if dst.is_dst_layer(m):
+            torch_fully_shard(m)
+    torch_fully_shard(plain)
+    x, y = global_batches("mlp", world)[0][0][rank]
+    try:
+        loss_fn(plain(x), y, plain)
+        results["unhooked_error"] = None
+    except RuntimeError as e:
+        results["unhooked_error"] = str(e)
     torch.save(results, os.path.join(out, f"fsdp-{backend}-rank{rank}.pt"))
     dist.destroy_process_group()

@@ -1,0 +1,162 @@
+"""DST under ``torch.distributed``: what sharded (FSDP2 / DTensor) parameters need.
+
+DDP needs nothing: it all-reduces the gradients of ``W`` and ``t`` like any others, and the
+reset rule is a function of the weights and thresholds, which DDP keeps identical on every rank.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards ``W`` and ``t`` of a layer along their
+first dimension (the same rows on the same rank) and all-gathers them for the forward, so the
+mask is computed on the unsharded weight. But the reset rule writes the thresholds in place
+during the forward, and FSDP2 frees the unsharded copy after it: the write would be lost and
+the sharded thresholds would keep their old values. :func:`fully_shard` (or
+:func:`register_reset_hooks` after your own ``fully_shard`` calls) gives every FSDP unit that
+holds DST layers a forward pre-hook that runs before FSDP2's all-gather and applies the rule to
+the sharded parameters themselves (one all-reduce of the kept count per layer; no host sync).
+:func:`full` turns a DTensor into the full tensor for reporting and export.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "fully_shard",
+    "register_reset_hooks",
+    "is_dtensor",
+    "full",
+    "local_share",
+    "reset_sharded_",
+    "check_sharded_reset",
+]
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the full tensor of a DTensor (a collective: call it on every rank)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local_share(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` whose gradient this rank owns: a sharded DTensor's local shard (so a sum
+    over it, summed over ranks, counts every element once); ``t`` itself otherwise."""
+    if is_dtensor(t):
+        from torch.distributed.tensor import Shard
+
+        if all(isinstance(p, Shard) for p in t.placements):
+            return t.to_local()
+        return t.full_tensor()
+    return t
+
+
+@torch.no_grad()
+def reset_sharded_(weight, threshold, min_density: float) -> None:
+    """The reset rule on row-sharded DTensors ``weight`` / ``threshold``, in place on the local
+    threshold shard; no host synchronisation (the decision stays on the device)."""
+    w = weight.to_local()
+    t = threshold.to_local()
+    rows = w.reshape(w.shape[0], -1)
+    kept = (rows.abs() > t.unsqueeze(1)).sum() if rows.numel() else torch.zeros((), dtype=torch.int64)
+    kept = kept.to(torch.float64)
+    from torch.distributed.tensor import Shard
+
+    mesh = threshold.device_mesh
+    for dim, placement in enumerate(threshold.placements):  # sum over the ranks that hold rows
+        if isinstance(placement, Shard):
+            torch.distributed.all_reduce(kept, group=mesh.get_group(dim))
+    due = kept <= min_density * weight.numel()  # weight.numel(): the global size
+    t.copy_(torch.where(due, torch.zeros_like(t), t))
+
+
+def check_sharded_reset(layer) -> None:
+    """Raise if ``layer``'s thresholds are sharded with the reset rule on but no reset hook was
+    registered: its resets would be silently lost (called by ``sparsity_loss``)."""
+    if layer.min_density is not None and not getattr(layer, "_dst_fsdp_ready", False):
+        raise RuntimeError(
+            f"{type(layer).__name__} has FSDP-sharded thresholds but no reset hook: the reset rule "
+            "would write into FSDP's unsharded copy and be lost. Shard with "
+            "dst_kernels.distributed.fully_shard(model), or call "
+            "dst_kernels.distributed.register_reset_hooks(model) after your fully_shard calls "
+            "(or turn the rule off with min_density=None)"
+        )
+
+
+def _dst_layers(module):
+    from dst_kernels.nn import is_dst_layer
+
+    return [m for m in module.modules() if is_dst_layer(m)]
+
+
+def _fsdp_module_type():
+    from torch.distributed.fsdp import FSDPModule
+
+    return FSDPModule
+
+
+def _owned_layers(unit, fsdp_type):
+    """DST layers whose nearest FSDP unit (the module itself included) is ``unit``."""
+    found = []
+
+    def walk(module):
+        for child in module.children():
+            if isinstance(child, fsdp_type):
+                continue  # its own unit
+            if hasattr(child, "_dst_pairs"):
+                found.append(child)
+            walk(child)
+
+    if hasattr(unit, "_dst_pairs"):
+        found.append(unit)
+    walk(unit)
+    return found
+
+
+def _make_pre_hook(layers):
+    def hook(unit, args):
+        for layer in layers:
+            if not layer.training or layer.min_density is None:
+                continue
+            for w_name, t_name in layer._dst_pairs:
+                threshold = getattr(layer, t_name)
+                if is_dtensor(threshold):
+                    reset_sharded_(getattr(layer, w_name), threshold, layer.min_density)
+
+    return hook
+
+
+def register_reset_hooks(model) -> int:
+    """After ``torch.distributed.fsdp.fully_shard``: make the reset rule persist on the sharded
+    thresholds (see the module docstring). Call it once, after every ``fully_shard`` call and
+    before the first forward; returns the number of DST layers covered."""
+    fsdp_type = _fsdp_module_type()
+    covered = 0
+    for unit in model.modules():
+        if not isinstance(unit, fsdp_type) or getattr(unit, "_dst_reset_hook", None) is not None:
+            continue
+        layers = _owned_layers(unit, fsdp_type)
+        if layers:
+            # prepend: before FSDP2's own pre-forward hook, which all-gathers the parameters.
+            unit._dst_reset_hook = unit.register_forward_pre_hook(_make_pre_hook(layers), prepend=True)
+            for layer in layers:
+                layer._dst_fsdp_ready = True
+            covered += len(layers)
+    return covered
+
+
+def fully_shard(model, **kwargs):
+    """``torch.distributed.fsdp.fully_shard`` for a model with DST layers: every DST layer (and
+    every ``DSTLSTM``) becomes its own FSDP unit, then the root, then :func:`register_reset_hooks`.
+    ``kwargs`` (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...) go to every call."""
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    for layer in _dst_layers(model):
+        if layer is not model:
+            torch_fully_shard(layer, **kwargs)
+    torch_fully_shard(model, **kwargs)
+    register_reset_hooks(model)
+    return model
