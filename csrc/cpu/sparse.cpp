@@ -28,7 +28,12 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "dst/checks.h"
 #include "dst/cpu_kernels.h"
@@ -92,8 +97,8 @@ DST_CPU_CLONES int64_t count_row(const scalar_t* __restrict__ w, scalar_t t, int
 // The kept entries of one row, in column order: their columns and values. Chunks of 16
 // with nothing kept (most of them at low density) are skipped after a vectorised test.
 template <typename scalar_t>
-DST_CPU_CLONES void compress_row(const scalar_t* __restrict__ w, scalar_t t, int64_t cols,
-                                 int32_t* __restrict__ col, scalar_t* __restrict__ val) {
+DST_CPU_CLONES void compress_row_generic(const scalar_t* __restrict__ w, scalar_t t, int64_t cols,
+                                         int32_t* __restrict__ col, scalar_t* __restrict__ val) {
   const opmath<scalar_t> tf = static_cast<opmath<scalar_t>>(t);
   int64_t p = 0;
   for (int64_t j0 = 0; j0 < cols; j0 += 16) {
@@ -116,65 +121,47 @@ DST_CPU_CLONES void compress_row(const scalar_t* __restrict__ w, scalar_t t, int
   }
 }
 
-// ----------------------------------------------------------------------------- column passes
-
-// Columns [c0, c1) of every row: cnt[j] += (|W[r, j]| > t[r]); with out set, also
-// out = W * M there (the mask pass and the column counts of P^T in one read of W).
-template <typename scalar_t>
-DST_CPU_CLONES void mask_count_cols(const scalar_t* __restrict__ w, const scalar_t* t,
-                                    scalar_t* __restrict__ out, int64_t rows, int64_t cols,
-                                    int64_t c0, int64_t c1, int32_t* __restrict__ cnt) {
-  using opmath_t = opmath<scalar_t>;
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* wr = w + r * cols;
-    const opmath_t tf = static_cast<opmath_t>(t[r]);
-    if (out != nullptr) {
-      scalar_t* o = out + r * cols;
-#pragma omp simd
-      for (int64_t j = c0; j < c1; ++j) {
-        const opmath_t wf = static_cast<opmath_t>(wr[j]);
-        const bool k = abs_value(wf) > tf;
-        o[j] = static_cast<scalar_t>(wf * (k ? opmath_t(1) : opmath_t(0)));
-        cnt[j] += k ? 1 : 0;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = c0; j < c1; ++j) {
-        cnt[j] += abs_value(static_cast<opmath_t>(wr[j])) > tf ? 1 : 0;
-      }
-    }
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DST_AVX512_COMPRESS 1
+// float rows with AVX-512: per 16 weights one compare into a mask, the kept lanes compressed
+// in registers and written with a masked store (branch-free; nothing past the row's end).
+__attribute__((target("avx512f,popcnt"))) void compress_row_avx512(const float* w, float t,
+                                                                   int64_t cols, int32_t* col,
+                                                                   float* val) {
+  const __m512 tv = _mm512_set1_ps(t);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t p = 0;
+  for (int64_t j = 0; j < cols; j += 16) {
+    const int64_t left = cols - j;
+    const __mmask16 in = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(in, w + j);
+    const __m512 a = _mm512_abs_ps(v);
+    const __mmask16 k = _mm512_mask_cmp_ps_mask(in, a, tv, _CMP_GT_OQ);
+    const unsigned n = static_cast<unsigned>(__builtin_popcount(static_cast<unsigned>(k)));
+    const __mmask16 out = __mmask16((1u << n) - 1u);
+    const __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j)));
+    _mm512_mask_storeu_ps(val + p, out, _mm512_maskz_compress_ps(k, v));
+    _mm512_mask_storeu_epi32(col + p, out, _mm512_maskz_compress_epi32(k, idx));
+    p += n;
   }
 }
 
-// Columns [c0, c1): the kept entries of each column j, in row order, at pos[j]... (pos
-// advances); the CSR of P^T.
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+  return yes;
+}
+#endif
+
 template <typename scalar_t>
-DST_CPU_CLONES void fill_cols(const scalar_t* __restrict__ w, const scalar_t* t, int64_t rows,
-                              int64_t cols, int64_t c0, int64_t c1, int32_t* __restrict__ pos,
-                              int32_t* __restrict__ row_idx, scalar_t* __restrict__ val) {
-  using opmath_t = opmath<scalar_t>;
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* wr = w + r * cols;
-    const opmath_t tf = static_cast<opmath_t>(t[r]);
-    for (int64_t j0 = c0; j0 < c1; j0 += 16) {
-      const int64_t j1 = std::min(c1, j0 + 16);
-      int32_t any = 0;
-#pragma omp simd reduction(| : any)
-      for (int64_t j = j0; j < j1; ++j) {
-        any |= abs_value(static_cast<opmath_t>(wr[j])) > tf ? 1 : 0;
-      }
-      if (any == 0) {
-        continue;
-      }
-      for (int64_t j = j0; j < j1; ++j) {
-        if (abs_value(static_cast<opmath_t>(wr[j])) > tf) {
-          const int32_t p = pos[j - c0]++;
-          row_idx[p] = static_cast<int32_t>(r);
-          val[p] = wr[j];
-        }
-      }
+void compress_row(const scalar_t* w, scalar_t t, int64_t cols, int32_t* col, scalar_t* val) {
+#ifdef DST_AVX512_COMPRESS
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (has_avx512()) {
+      return compress_row_avx512(w, t, cols, col, val);
     }
   }
+#endif
+  compress_row_generic(w, t, cols, col, val);
 }
 
 // ----------------------------------------------------------------------------- the product
@@ -403,55 +390,35 @@ Compressed csr_rows(const Tensor& w, const scalar_t* t) {
   return csr_from_counts(w, t, counts.data());
 }
 
-int64_t col_grain(int64_t rows, int64_t cols) {
-  return rows * cols < kGrainElements ? cols : std::max<int64_t>(16, kGrainElements / rows);
-}
-
-// Column counts of P (= row counts of P^T), and with out set the mask pass into out.
+// The CSR of A^T ([cols, rows]) from the CSR of A ([rows, cols]): a counting sort over the
+// nonzeros (rows visited in order, so every row of A^T lists its columns ascending).
 template <typename scalar_t>
-std::vector<int32_t> count_cols(const Tensor& w, const scalar_t* t, scalar_t* out) {
-  const int64_t rows = w.size(0);
-  const int64_t cols = w.numel() / rows;
-  std::vector<int32_t> cnt(cols, 0);
-  const scalar_t* wp = w.const_data_ptr<scalar_t>();
-  at::parallel_for(0, cols, col_grain(rows, cols), [&](int64_t c0, int64_t c1) {
-    mask_count_cols(wp, t, out, rows, cols, c0, c1, cnt.data());
-  });
-  return cnt;
-}
-
-// CSR of P^T ([cols, rows]) from the column counts.
-template <typename scalar_t>
-Compressed csr_transposed_from_counts(const Tensor& w, const scalar_t* t,
-                                      const std::vector<int32_t>& cnt) {
-  const int64_t rows = w.size(0);
-  const int64_t cols = w.numel() / rows;
-  Tensor crow = at::empty({cols + 1}, w.options().dtype(at::kInt));
+Compressed transposed(const Compressed& a, int64_t rows, int64_t cols) {
+  const int64_t nnz = a.col.numel();
+  Tensor crow = at::zeros({cols + 1}, a.crow.options());
+  Tensor idx = at::empty({nnz}, a.col.options());
+  Tensor val = at::empty({nnz}, a.val.options());
+  const int32_t* ap = a.crow.const_data_ptr<int32_t>();
+  const int32_t* aj = a.col.const_data_ptr<int32_t>();
+  const scalar_t* av = a.val.const_data_ptr<scalar_t>();
   int32_t* cp = crow.mutable_data_ptr<int32_t>();
-  int64_t total = 0;
-  cp[0] = 0;
-  for (int64_t j = 0; j < cols; ++j) {
-    total += cnt[j];
-    cp[j + 1] = static_cast<int32_t>(total);
-  }
-  Tensor idx = at::empty({total}, w.options().dtype(at::kInt));
-  Tensor val = at::empty({total}, w.options());
-  const scalar_t* wp = w.const_data_ptr<scalar_t>();
   int32_t* ip = idx.mutable_data_ptr<int32_t>();
   scalar_t* vp = val.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, cols, col_grain(rows, cols), [&](int64_t c0, int64_t c1) {
-    std::vector<int32_t> pos(cp + c0, cp + c1);
-    fill_cols(wp, t, rows, cols, c0, c1, pos.data(), ip, vp);
-  });
-  return {crow, idx, val};
-}
-
-int64_t sum_counts(const std::vector<int32_t>& cnt) {
-  int64_t total = 0;
-  for (int32_t c : cnt) {
-    total += c;
+  for (int64_t p = 0; p < nnz; ++p) {
+    ++cp[aj[p] + 1];
   }
-  return total;
+  for (int64_t j = 0; j < cols; ++j) {
+    cp[j + 1] += cp[j];
+  }
+  std::vector<int32_t> pos(cp, cp + cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t p = ap[r]; p < ap[r + 1]; ++p) {
+      const int32_t q = pos[aj[p]]++;
+      ip[q] = static_cast<int32_t>(r);
+      vp[q] = av[p];
+    }
+  }
+  return {crow, idx, val};
 }
 
 bool take_sparse(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
@@ -481,19 +448,15 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_mask_cpu(const Tensor& weight,
   TORCH_CHECK(rows < kMaxIndex && cols < kMaxIndex, "dst_sparse_mask: weight of shape ",
               weight.sizes(), " is too large for the int32 indices of the compressed form");
   Compressed c;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, w.scalar_type(), "dst_sparse_mask", [&] {
-        const scalar_t* tp = t.const_data_ptr<scalar_t>();
-        check_finite_thresholds(tp, rows);
-        if (transpose) {
-          const auto cnt = count_cols<scalar_t>(w, tp, nullptr);
-          TORCH_CHECK(sum_counts(cnt) <= kMaxIndex, "dst_sparse_mask: ", sum_counts(cnt),
-                      " kept weights do not fit the int32 indices of the compressed form");
-          c = csr_transposed_from_counts(w, tp, cnt);
-        } else {
-          c = csr_rows(w, tp);
-        }
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dst_sparse_mask",
+                                  [&] {
+                                    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+                                    check_finite_thresholds(tp, rows);
+                                    c = csr_rows(w, tp);
+                                    if (transpose) {
+                                      c = transposed<scalar_t>(c, rows, cols);
+                                    }
+                                  });
   return {c.crow, c.col, c.val};
 }
 
@@ -601,8 +564,9 @@ std::tuple<Tensor, Tensor, Tensor> dst_linear_cpu(const Tensor& x, const Tensor&
   return {y, masked, t_eff};
 }
 
-// dX = dY P. One column-parallel pass writes P and counts each column's kept weights;
-// below the crossover dX comes from the CSR of P^T, else from ATen's GEMM with P.
+// dX = dY P. The mask pass (P and the kept count of every row, as in the forward); below
+// the crossover dX comes from the CSR of P^T (the CSR of P transposed), else from ATen's
+// GEMM with P.
 Tensor dst_linear_grad_input_cpu(const Tensor& grad_y, const Tensor& weight,
                                  const Tensor& threshold) {
   TORCH_CHECK(weight.dim() == 2, "dst_linear_grad_input: weight must be 2-D [out, in], got ",
@@ -613,22 +577,21 @@ Tensor dst_linear_grad_input_cpu(const Tensor& grad_y, const Tensor& weight,
   check_weight_threshold("dst_linear_grad_input", weight, threshold);
   const int64_t rows = weight.size(0);
   const int64_t cols = weight.size(1);
-  const Tensor t = threshold.contiguous();
   Tensor masked = at::empty_like(weight);
+  Tensor t = threshold.contiguous().clone();
+  std::vector<int64_t> counts(rows);
+  const int64_t kept = cpu::mask_into(weight, std::nullopt, masked, t, counts.data());
+  const int64_t tokens = grad_y.numel() / rows;
+  if (grad_y.scalar_type() != weight.scalar_type() || grad_y.numel() == 0 ||
+      !take_sparse(kept, tokens, cols, rows)) {
+    return grad_y.matmul(masked);
+  }
   Tensor grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_linear_grad_input", [&] {
-        const scalar_t* tp = t.const_data_ptr<scalar_t>();
-        check_finite_thresholds(tp, rows);
-        const auto cnt = count_cols<scalar_t>(weight, tp, masked.mutable_data_ptr<scalar_t>());
-        const int64_t kept = sum_counts(cnt);
-        const int64_t tokens = grad_y.numel() / rows;
-        if (grad_y.scalar_type() != weight.scalar_type() || grad_y.numel() == 0 ||
-            !take_sparse(kept, tokens, cols, rows)) {
-          grad_x = grad_y.matmul(masked);
-          return;
-        }
-        const Compressed c = csr_transposed_from_counts<scalar_t>(weight, tp, cnt);
+        const Compressed c = transposed<scalar_t>(
+            csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts.data()), rows,
+            cols);
         grad_x = dst_sparse_mm_cpu(grad_y, c.crow, c.col, c.val, std::nullopt);
       });
   return grad_x;
