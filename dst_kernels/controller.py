@@ -52,6 +52,9 @@ class DensityController:
         damping: how far it moves per unit of change of that error since the last
             measurement (default 5): the proportional term, which damps the lag between
             alpha and the density (thresholds integrate the regulariser's push).
+        recovery: how many times faster the integral term acts while the model is sparser
+            than the setpoint (default 4): an overshoot to too sparse is undone only by the
+            task gradient, so alpha must fall further and sooner than it rose.
         alpha_min, alpha_max: bounds of alpha (default 1e-10 and 1).
         floors: per-layer minimum densities: ``"auto"`` (default: twice each layer's
             ``min_density``, which keeps layers clear of the reset rule), None (no floors),
@@ -78,6 +81,7 @@ class DensityController:
         every: int = 20,
         gain: float = 0.1,
         damping: float = 5.0,
+        recovery: float = 4.0,
         alpha_min: float = 1e-10,
         alpha_max: float = 1.0,
         floors: float | Mapping[str, float] | str | None = "auto",
@@ -110,6 +114,7 @@ class DensityController:
         ):
             raise ValueError(f"damping must be a float >= 0, got {damping!r}")
         self.damping = float(damping)
+        self.recovery = _positive_float("recovery", recovery)
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
@@ -265,10 +270,13 @@ class DensityController:
         error = density.clamp(min=tiny).log() - math.log(self.setpoint())
         # PI in velocity form: the integral term drives the error to 0; the proportional one
         # (on the change of the error) damps the lag between alpha and the density.
+        # Too sparse is slower to undo than too dense (the regulariser only pushes thresholds
+        # up): below the setpoint the integral term acts `recovery` times faster.
+        gain = torch.where(error < 0, self.gain * self.recovery, self.gain)
         if self.updates:
-            self._log_alpha.add_(self.gain * error + self.damping * (error - self._error))
+            self._log_alpha.add_(gain * error + self.damping * (error - self._error))
         else:
-            self._log_alpha.add_(self.gain * error)
+            self._log_alpha.add_(gain * error)
         self._error.copy_(error)
         self.updates += 1
         if self._floors is not None:

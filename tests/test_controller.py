@@ -218,6 +218,7 @@ def test_load_state_dict_checks_the_layers():
         ({"every": 0}, ValueError, "every"),
         ({"gain": -1.0}, ValueError, "gain"),
         ({"damping": -1.0}, ValueError, "damping"),
+        ({"recovery": 0.0}, ValueError, "recovery"),
         ({"alpha": 10.0}, ValueError, "alpha"),
         ({"alpha_min": 1.0, "alpha_max": 0.5}, ValueError, "alpha_min"),
         ({"floors": {"nope": 0.1}}, ValueError, "floors"),
