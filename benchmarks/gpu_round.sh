@@ -57,6 +57,8 @@ say() { echo "gpu_round: $*" | tee -a "$out/round.log"; }
 test_cmd() {
   local par=""
   if $PY -c "import xdist" 2>/dev/null; then par="-n $WORKERS"; fi
+  # pytest-timeout, where installed: a hung test fails alone instead of eating the step's cap
+  if $PY -c "import pytest_timeout" 2>/dev/null; then par="$par --timeout 120"; fi
   echo "$PY -m pytest tests -m cuda $par -q -rs -p no:cacheprovider --junitxml $out/tests-$1.xml"
 }
 BENCH_CMD="$PY -m pytest benchmarks -q -p no:cacheprovider -o python_files=bench_*.py --bench-size gpu-quick --bench-out $out/bench"
