@@ -88,6 +88,31 @@ def test_penalty_is_unchanged_for_healthy_thresholds(dtype):
         assert torch.equal(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_healthy_training_is_bit_identical_to_plain_exp(backend):
+    """20 SGD steps with sparsity_loss give exactly the weights plain exp(-t).sum() gives."""
+    x, y = _data()
+    runs = []
+    for plain in (False, True):
+        model = _net(backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for s in range(20):
+            i = (s * 64) % len(x)
+            reg = _unprotected_penalty_with_grad(model) if plain else dst.sparsity_loss(model)
+            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]) + 1e-2 * reg
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        runs.append(model)
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        assert torch.equal(p, q), name
+
+
+def _unprotected_penalty_with_grad(model) -> torch.Tensor:
+    terms = [torch.exp(-t).sum() for t in _thresholds(model)]
+    return sum(terms[1:], terms[0])
+
+
 def test_penalty_tail_is_linear_and_finite():
     c = EXP_LINEAR_BELOW
     t = torch.tensor([-1e30, -1e4, -100.0, -c - 1.0, -c], requires_grad=True)
