@@ -63,11 +63,19 @@ def _wrn_count(depth: int, k: int, classes: int = 10) -> int:
     return total + 2 * widths[3] + widths[3] * classes + classes
 
 
+def _lstm_count(hidden: int, rows: int = 28, classes: int = 10) -> int:
+    """Two nn.LSTM layers (4 gates: W_ih, W_hh and two biases each) and Linear(hidden, classes)."""
+    layer = lambda n_in: 4 * hidden * (n_in + hidden) + 2 * 4 * hidden  # noqa: E731
+    return layer(rows) + layer(hidden) + hidden * classes + classes
+
+
 @pytest.mark.parametrize(
     "name, classes, expected",
     [
         ("lenet300", 10, 266_610),  # 784*300+300 + 300*100+100 + 100*10+10
         ("lenet5", 10, 431_080),  # 1*20*25+20 + 20*50*25+50 + 800*500+500 + 500*10+10
+        ("lstm_a", 10, 214_282),  # _lstm_count(128): two layers, as the official code
+        ("lstm_b", 10, 821_770),  # _lstm_count(256)
         ("vgg16", 10, 14_987_722),  # _vgg16_count
         ("wrn16_8", 10, 10_961_370),  # _wrn_count(16, 8)
         ("wrn28_10", 10, 36_479_194),  # _wrn_count(28, 10)
@@ -79,13 +87,19 @@ def test_parameter_counts(name, classes, expected):
     assert count_parameters(model) == expected
     if name == "vgg16":
         assert _vgg16_count() == expected
+    if name.startswith("lstm"):
+        assert _lstm_count(128 if name == "lstm_a" else 256) == expected
     if name.startswith("wrn"):
         assert _wrn_count(*map(int, name[3:].split("_"))) == expected
     # Thresholds are not counted, and every conv and linear layer is masked.
     dst.sparsify(model, exclude=MODELS[name].exclude)
     assert count_parameters(model) == expected
-    plain = [m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
-    assert plain == [] and sum(dst.is_dst_layer(m) for m in model.modules()) > 0
+    plain = [m for m in model.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LSTM)]
+    if name.startswith("lstm"):  # the classifier stays dense
+        assert plain == [model.fc]
+    else:
+        assert plain == []
+    assert sum(dst.is_dst_layer(m) for m in model.modules()) > 0
 
 
 def test_lstm_classifier_stays_dense():
