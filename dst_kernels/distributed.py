@@ -8,9 +8,10 @@ first dimension (the same rows on the same rank) and all-gathers them for the fo
 mask is computed on the unsharded weight. But the reset rule writes the thresholds in place
 during the forward, and FSDP2 frees the unsharded copy after it: the write would be lost and
 the sharded thresholds would keep their old values. :func:`fully_shard` (or
-:func:`register_reset_hooks` after your own ``fully_shard`` calls) gives every FSDP unit that
-holds DST layers a forward pre-hook that runs before FSDP2's all-gather and applies the rule to
-the sharded parameters themselves (one all-reduce of the kept count per layer; no host sync).
+:func:`register_reset_hooks` after your own ``fully_shard`` calls) gives every root FSDP unit a
+forward pre-hook that runs before FSDP2's all-gathers and applies the rule to the sharded
+parameters themselves (one all-reduce of the kept count per layer; no host sync); the layers
+then skip the rule in their own forward.
 :func:`full` turns a DTensor into the full tensor for reporting and export.
 """
 
@@ -57,19 +58,25 @@ def local_share(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reset_sharded_(weight, threshold, min_density: float) -> None:
     """The reset rule on row-sharded DTensors ``weight`` / ``threshold``, in place on the local
-    threshold shard; no host synchronisation (the decision stays on the device)."""
-    w = weight.to_local()
-    t = threshold.to_local()
-    rows = w.reshape(w.shape[0], -1)
-    kept = (rows.abs() > t.unsqueeze(1)).sum() if rows.numel() else torch.zeros((), dtype=torch.int64)
-    kept = kept.to(torch.float64)
+    threshold shard; no host synchronisation (the decision stays on the device). A rank may hold
+    no rows at all (``torch.chunk`` leaves trailing ranks empty)."""
     from torch.distributed.tensor import Shard
 
+    if weight.placements != threshold.placements or weight.device_mesh != threshold.device_mesh:
+        raise ValueError(
+            f"the reset rule on sharded parameters needs the weight and its thresholds sharded "
+            f"alike (rows), got {weight.placements} and {threshold.placements}"
+        )
+    w = weight.to_local()
+    t = threshold.to_local()
+    # flatten(1) keeps an empty shard [0, ...] valid; the count stays on the shard's device.
+    kept = (w.flatten(1).abs() > t.unsqueeze(1)).sum().to(torch.float64)
     mesh = threshold.device_mesh
+    kept = kept.to(mesh.device_type)  # CPU-offloaded shards: the collective runs on the mesh's device
     for dim, placement in enumerate(threshold.placements):  # sum over the ranks that hold rows
         if isinstance(placement, Shard):
             torch.distributed.all_reduce(kept, group=mesh.get_group(dim))
-    due = kept <= min_density * weight.numel()  # weight.numel(): the global size
+    due = (kept <= min_density * weight.numel()).to(t.device)  # weight.numel(): the global size
     t.copy_(torch.where(due, torch.zeros_like(t), t))
 
 
@@ -98,22 +105,20 @@ def _fsdp_module_type():
     return FSDPModule
 
 
-def _owned_layers(unit, fsdp_type):
-    """DST layers whose nearest FSDP unit (the module itself included) is ``unit``."""
-    found = []
+def _root_units(model, fsdp_type):
+    """FSDP units with no FSDP ancestor: FSDP2 runs their pre-forward first, and only there does
+    it order its all-gather streams after the current stream."""
+    roots = []
 
     def walk(module):
+        if isinstance(module, fsdp_type):
+            roots.append(module)
+            return
         for child in module.children():
-            if isinstance(child, fsdp_type):
-                continue  # its own unit
-            if hasattr(child, "_dst_pairs"):
-                found.append(child)
             walk(child)
 
-    if hasattr(unit, "_dst_pairs"):
-        found.append(unit)
-    walk(unit)
-    return found
+    walk(model)
+    return roots
 
 
 def _make_pre_hook(layers):
@@ -122,9 +127,9 @@ def _make_pre_hook(layers):
             if not layer.training or layer.min_density is None:
                 continue
             for w_name, t_name in layer._dst_pairs:
-                threshold = getattr(layer, t_name)
+                threshold = layer._parameters[t_name]  # the raw Parameters (DTensors between forwards)
                 if is_dtensor(threshold):
-                    reset_sharded_(getattr(layer, w_name), threshold, layer.min_density)
+                    reset_sharded_(layer._parameters[w_name], threshold, layer.min_density)
 
     return hook
 
@@ -132,16 +137,27 @@ def _make_pre_hook(layers):
 def register_reset_hooks(model) -> int:
     """After ``torch.distributed.fsdp.fully_shard``: make the reset rule persist on the sharded
     thresholds (see the module docstring). Call it once, after every ``fully_shard`` call and
-    before the first forward; returns the number of DST layers covered."""
+    before the first forward; returns the number of DST layers covered.
+
+    Each root FSDP unit gets one forward pre-hook, ahead of FSDP2's own (which starts the
+    all-gathers), that applies the rule to every DST layer below it. The layers then skip the
+    rule in their own forward (it ran on the master parameters already, in their dtype, before
+    any mixed-precision cast)."""
     fsdp_type = _fsdp_module_type()
     covered = 0
-    for unit in model.modules():
-        if not isinstance(unit, fsdp_type) or getattr(unit, "_dst_reset_hook", None) is not None:
+    for root in _root_units(model, fsdp_type):
+        if getattr(root, "_dst_reset_hook", None) is not None:
+            covered += len(_dst_layers(root))
             continue
-        layers = _owned_layers(unit, fsdp_type)
+        layers = _dst_layers(root)
+        for layer in layers:
+            if getattr(layer, "_dst_axes", None) and layer.min_density is not None:
+                raise ValueError(
+                    f"{type(layer).__name__}: the reset rule on FSDP-sharded parameters needs the "
+                    f"output axis first (axes {layer._dst_axes}); set min_density=None for it"
+                )
         if layers:
-            # prepend: before FSDP2's own pre-forward hook, which all-gathers the parameters.
-            unit._dst_reset_hook = unit.register_forward_pre_hook(_make_pre_hook(layers), prepend=True)
+            root._dst_reset_hook = root.register_forward_pre_hook(_make_pre_hook(layers), prepend=True)
             for layer in layers:
                 layer._dst_fsdp_ready = True
             covered += len(layers)

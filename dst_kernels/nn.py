@@ -63,8 +63,12 @@ class DSTLayer:
         return self._parameters[name]
 
     def _reset_bound(self) -> float | None:
-        """``min_density`` in training mode (the reset rule applies), else None."""
-        return self.min_density if self.training else None
+        """``min_density`` in training mode (the reset rule applies), else None. Under FSDP2 with
+        the reset hooks (``dst_kernels.distributed``) the rule already ran on the sharded
+        parameters before this forward: None."""
+        if not self.training or getattr(self, "_dst_fsdp_ready", False):
+            return None
+        return self.min_density
 
     @torch.no_grad()
     def masks(self) -> dict[str, torch.Tensor]:

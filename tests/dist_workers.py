@@ -57,6 +57,10 @@ def build_model(kind: str, backend: str) -> nn.Module:
         model = ConvLSTMNet(backend)
     elif kind in ("unused", "unused_reg_in_forward"):
         model = WithUnused(backend, reg_in_forward=kind == "unused_reg_in_forward")
+    elif kind == "narrow_head":  # 2 output rows: with 3 ranks one of them holds none
+        model = nn.Sequential(
+            dst.DSTLinear(7, 13, backend=backend), nn.ReLU(), dst.DSTLinear(13, 2, backend=backend)
+        )
     else:
         model = nn.Sequential(
             dst.DSTLinear(7, 13, backend=backend), nn.ReLU(), dst.DSTLinear(13, 4, backend=backend)
@@ -71,6 +75,10 @@ def build_model(kind: str, backend: str) -> nn.Module:
     return model
 
 
+def _outputs(kind: str) -> int:
+    return 2 if kind == "narrow_head" else 4
+
+
 def global_batches(kind: str, world: int, micro: int = 1, per_rank: int = 3):
     """``[step][micro][rank] -> (x, y)``, the same on every process."""
     g = torch.Generator().manual_seed(1)
@@ -80,7 +88,7 @@ def global_batches(kind: str, world: int, micro: int = 1, per_rank: int = 3):
             [
                 (
                     torch.randn(per_rank, *shape, generator=g, dtype=torch.float64),
-                    torch.randn(per_rank, 4, generator=g, dtype=torch.float64),
+                    torch.randn(per_rank, _outputs(kind), generator=g, dtype=torch.float64),
                 )
                 for _ in range(world)
             ]
@@ -233,4 +241,28 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
     except RuntimeError as e:
         results["unhooked_error"] = str(e)
     torch.save(results, os.path.join(out, f"fsdp-{backend}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def fsdp_uneven_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
+    """FSDP2 where a rank holds no rows of the head (2 rows over 3 ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from dst_kernels.distributed import fully_shard
+
+    _init(rank, world, store)
+    model = fully_shard(build_model("narrow_head", backend).train())
+    with torch.no_grad():  # the head keeps nothing: its reset fires with an empty shard on rank 2
+        model[2].threshold.to_local().fill_(10.0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    for step in global_batches("narrow_head", world):
+        x, y = step[0][rank]
+        loss_fn(model(x), y, model).backward()
+        opt.step()
+        opt.zero_grad()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    torch.save(
+        {k: v.detach().clone() for k, v in state.items()},
+        os.path.join(out, f"uneven-{backend}-rank{rank}.pt"),
+    )
     dist.destroy_process_group()

@@ -149,3 +149,31 @@ def test_fsdp2_without_reset_hooks_is_an_error(fsdp_results):
     for result in ranks:
         assert "no reset hook" in (result["unhooked_error"] or "")
         assert "dst_kernels.distributed.fully_shard" in result["unhooked_error"]
+
+
+def test_fsdp2_with_a_rank_that_holds_no_rows(tmp_path):
+    """3 ranks, a head of 2 rows: FSDP2 leaves rank 2 an empty shard; the reset rule still counts
+    over all rows and the step equals one process."""
+    if not _fsdp_available():
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    import torch.multiprocessing as mp
+
+    world = 3
+    backend = "native" if "native" in dst.available_backends("cpu") else "reference"
+    mp.spawn(
+        W.fsdp_uneven_worker, args=(world, str(tmp_path / "store"), str(tmp_path), backend), nprocs=world
+    )
+    state = torch.load(tmp_path / f"uneven-{backend}-rank0.pt", weights_only=False)
+    torch.manual_seed(0)
+    single = W.build_model("narrow_head", backend).train()
+    with torch.no_grad():
+        single[2].threshold.fill_(10.0)
+    opt = torch.optim.SGD(single.parameters(), lr=W.LR, momentum=0.9)
+    for step in W.global_batches("narrow_head", world):
+        x = torch.cat([p[0] for p in step[0]])
+        y = torch.cat([p[1] for p in step[0]])
+        W.loss_fn(single(x), y, single).backward()
+        opt.step()
+        opt.zero_grad()
+    assert _max_diff(state, single.state_dict()) <= TOL
+    assert single[2].threshold.abs().max() < 1.0, "the head's reset fired"
