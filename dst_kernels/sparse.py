@@ -162,9 +162,10 @@ class SparseLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == self.values.dtype and _native():
-            return torch.ops.dst_kernels.dst_sparse_mm(
-                x, self.crow_indices, self.col_indices, self.values, self.bias
+        values = self.values
+        if x.device.type == "cpu" and x.dtype == values.dtype and _native():
+            return torch.ops.dst_kernels.dst_sparse_mm.default(
+                x, self.crow_indices, self.col_indices, values, self.bias
             )
         return F.linear(
             x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)

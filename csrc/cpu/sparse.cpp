@@ -55,11 +55,27 @@ int64_t sparse_mode(int64_t mode) {
   return g_sparse_mode.exchange(mode);
 }
 
+// Measured with `python -m benchmarks.bench_sparse` (a DSTLinear training step, sparse path
+// against dense path, densities 0.05 .. 0.4) on a 2-core x86-64 (AVX-512) machine; the
+// values sit at or below the crossovers seen (README, "Sparse execution"). The token count is
+// what moves it: with few rows of input the dense GEMM is a pass over W, as cheap as the
+// compression passes the sparse path adds; with many rows the GEMMs dominate.
 double sparse_crossover(int64_t tokens, int64_t in, int64_t out) {
   (void)in;
   (void)out;
-  (void)tokens;
-  return 0.1;
+  if (tokens < 8) {
+    return 0.04;
+  }
+  if (tokens < 32) {
+    return 0.1;
+  }
+  if (tokens < 256) {
+    return 0.2;
+  }
+  if (tokens < 1024) {
+    return 0.25;
+  }
+  return 0.3;
 }
 
 namespace {
@@ -184,11 +200,76 @@ int pow2_at_least(int64_t n) {
   return p;
 }
 
+#ifdef DST_AVX512_COMPRESS
+// 16 x 16 floats: rows r[0..15] become columns (unpack, shuffle within 128-bit lanes, then
+// across lanes).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// pack_tile for float with nbw >= 16: whole 16 x 16 blocks transposed in registers, the
+// edges element by element.
+__attribute__((target("avx512f"))) void pack_tile_avx512(const float* x, int64_t ldx, int64_t k,
+                                                         int64_t nb, int nbw, float* xt) {
+  const int64_t nb16 = nb / 16 * 16;
+  const int64_t k16 = k / 16 * 16;
+  __m512 r[16];
+  for (int64_t c0 = 0; c0 < k16; c0 += 16) {
+    for (int64_t i0 = 0; i0 < nb16; i0 += 16) {
+      for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_loadu_ps(x + (i0 + i) * ldx + c0);
+      }
+      transpose16(r);
+      for (int c = 0; c < 16; ++c) {
+        _mm512_storeu_ps(xt + (c0 + c) * nbw + i0, r[c]);
+      }
+    }
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    float* o = xt + c * nbw;
+    const int64_t i_begin = c < k16 ? nb16 : 0;
+    for (int64_t i = i_begin; i < nb; ++i) {
+      o[i] = x[i * ldx + c];
+    }
+    for (int64_t i = nb; i < nbw; ++i) {
+      o[i] = 0.0f;
+    }
+  }
+}
+#endif
+
 // xt[k * nbw + i] = x[i, k] for i < nb, 0 for nb <= i < nbw.
 template <typename scalar_t>
 void pack_tile(const scalar_t* x, int64_t ldx, int64_t k, int64_t nb, int nbw,
                opmath<scalar_t>* xt) {
   using opmath_t = opmath<scalar_t>;
+#ifdef DST_AVX512_COMPRESS
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (nbw >= 16 && has_avx512()) {
+      return pack_tile_avx512(x, ldx, k, nb, nbw, xt);
+    }
+  }
+#endif
   if (nbw == 1) {
     for (int64_t c = 0; c < k; ++c) {
       xt[c] = static_cast<opmath_t>(x[c]);
@@ -244,38 +325,51 @@ inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __r
   using opmath_t = opmath<scalar_t>;
   using V = typename Vec<opmath_t>::type;
   constexpr int kLanes = sizeof(V) / sizeof(opmath_t);
-  for (int64_t m = m0; m < m1; ++m) {
-    opmath_t out[NB];
-    const int64_t e = a.crow[m + 1];
-    if constexpr (NB >= kLanes) {
-      constexpr int kVecs = NB / kLanes;
-      V acc[kVecs];
-      for (int j = 0; j < kVecs; ++j) {
-        acc[j] = V{};
-      }
-      for (int64_t p = a.crow[m]; p < e; ++p) {
-        const opmath_t v = static_cast<opmath_t>(a.val[p]);
-        const V* xr = reinterpret_cast<const V*>(xt + static_cast<int64_t>(a.col[p]) * NB);
+  // Features in blocks of kBlock: their sums gather in `out` (kBlock x NB, in L1) and leave
+  // as kBlock contiguous values per token row (one cache line), not one strided store each.
+  constexpr int64_t kBlock = 16;
+  alignas(64) opmath_t out[kBlock][NB];
+  for (int64_t mb = m0; mb < m1; mb += kBlock) {
+    const int64_t me = std::min(m1, mb + kBlock);
+    for (int64_t m = mb; m < me; ++m) {
+      opmath_t* o = out[m - mb];
+      const int64_t e = a.crow[m + 1];
+      if constexpr (NB >= kLanes) {
+        constexpr int kVecs = NB / kLanes;
+        V acc[kVecs];
         for (int j = 0; j < kVecs; ++j) {
-          acc[j] += v * xr[j];
+          acc[j] = V{};
         }
-      }
-      std::memcpy(out, acc, sizeof(out));
-    } else {
-      for (int i = 0; i < NB; ++i) {
-        out[i] = opmath_t(0);
-      }
-      for (int64_t p = a.crow[m]; p < e; ++p) {
-        const opmath_t v = static_cast<opmath_t>(a.val[p]);
-        const opmath_t* xr = xt + static_cast<int64_t>(a.col[p]) * NB;
+        for (int64_t p = a.crow[m]; p < e; ++p) {
+          const opmath_t v = static_cast<opmath_t>(a.val[p]);
+          const V* xr = reinterpret_cast<const V*>(xt + static_cast<int64_t>(a.col[p]) * NB);
+          for (int j = 0; j < kVecs; ++j) {
+            acc[j] += v * xr[j];
+          }
+        }
+        std::memcpy(o, acc, sizeof(acc));
+      } else {
         for (int i = 0; i < NB; ++i) {
-          out[i] += v * xr[i];
+          o[i] = opmath_t(0);
+        }
+        for (int64_t p = a.crow[m]; p < e; ++p) {
+          const opmath_t v = static_cast<opmath_t>(a.val[p]);
+          const opmath_t* xr = xt + static_cast<int64_t>(a.col[p]) * NB;
+          for (int i = 0; i < NB; ++i) {
+            o[i] += v * xr[i];
+          }
         }
       }
     }
-    const opmath_t b = bias != nullptr ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
+    opmath_t b[kBlock];
+    for (int64_t m = mb; m < me; ++m) {
+      b[m - mb] = bias != nullptr ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
+    }
     for (int64_t i = 0; i < nb; ++i) {
-      y[i * ldy + m] = static_cast<scalar_t>(out[i] + b);
+      scalar_t* yr = y + i * ldy;
+      for (int64_t m = mb; m < me; ++m) {
+        yr[m] = static_cast<scalar_t>(out[m - mb][i] + b[m - mb]);
+      }
     }
   }
 }
@@ -312,12 +406,17 @@ void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t
   if (n_rows == 0 || m_rows == 0) {
     return;
   }
-  const int nb_full = tile_width(k, sizeof(opmath_t));
+  int nb_full = tile_width(k, sizeof(opmath_t));
+  // Narrower tiles when there are fewer tiles than threads (each thread packs its own).
+  const int64_t threads = at::get_num_threads();
+  while (nb_full > 16 && (n_rows + nb_full - 1) / nb_full < threads && n_rows > nb_full / 2) {
+    nb_full /= 2;
+  }
   const int64_t tiles = (n_rows + nb_full - 1) / nb_full;
   const int64_t items = tiles * m_rows;
   // Work of one (tile, feature) item in multiply-adds, packing included.
-  const int64_t per_item =
-      std::max<int64_t>(1, (nnz / m_rows + 1) * nb_full + (k * nb_full) / m_rows);
+  const int64_t lanes = std::min<int64_t>(nb_full, pow2_at_least(n_rows));
+  const int64_t per_item = std::max<int64_t>(1, (nnz / m_rows + 1) * lanes + (k * lanes) / m_rows);
   const int64_t grain = std::max<int64_t>(1, kGrainWork / per_item);
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     const int64_t buffer = k * std::min<int64_t>(nb_full, pow2_at_least(n_rows));
