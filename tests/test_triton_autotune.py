@@ -39,6 +39,12 @@ class _StubTimer:
         return [t, t, t] if quantiles else t
 
 
+@pytest.fixture(autouse=True)
+def _every_config(monkeypatch):
+    """The test suite caps autotuning at one config; these tests need both of theirs."""
+    monkeypatch.delenv("DST_KERNELS_TRITON_MAX_CONFIGS", raising=False)
+
+
 @contextlib.contextmanager
 def _two_configs(kernel, configs):
     """Give an autotuned kernel ``configs`` and the stub timer, restoring it afterwards."""

@@ -87,3 +87,9 @@ def test_linear_with_a_transposed_input():
     p = weight.double().cpu() * (weight.abs() > threshold[:, None]).cpu()
     assert_close_rel(y, x.double() @ p.t(), tol_for(torch.float32), "y")
     assert_close_rel(gx, torch.ones(23, 11, dtype=torch.float64) @ p, tol_for(torch.float32), "dx")
+
+
+def test_gemm_grid_past_cuda_limit_is_a_clear_error():
+    assert linear_mod.programs(3, 5) == 15
+    with pytest.raises(ValueError, match=r"needs 4294967296 Triton programs \(65536 x 65536 blocks\)"):
+        linear_mod.programs(65536, 65536)

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dst_kernels._checks import check_conv2d_args, check_min_density
-from dst_kernels.triton.linear import _acc, _configs, _precision, _prune, check_gemm_sizes
+from dst_kernels.triton.linear import _acc, _configs, _precision, _prune, check_gemm_sizes, programs
 from dst_kernels.triton.mask import check_first_order, masked_weight, reset_
 
 __all__ = ["conv2d_igemm"]
@@ -153,7 +153,7 @@ def _igemm_op(
         raise ValueError(f"the triton implicit-GEMM conv supports groups <= 65535, got {groups}")
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), 1, groups)
+        return (programs(triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"])), 1, groups)
 
     wrap_triton(_igemm_fwd_kernel)[grid](
         x,

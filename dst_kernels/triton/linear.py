@@ -31,26 +31,31 @@ def _shared_memory_limit() -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
 
 
+def _footprint(cfg, elem: int) -> int:
+    """Shared memory of a config's pipelined operand tiles (bytes), for whichever of the three
+    GEMM kernels streams the largest pair."""
+    m, n, k = cfg.kwargs["BM"], cfg.kwargs["BN"], cfg.kwargs["BK"]
+    return max(m * k + n * k, m * n + n * k, m * n + m * k) * elem * max(cfg.num_stages, 1)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose pipelined tiles would not fit in shared memory."""
+    """The configs whose tiles fit in shared memory (else the smallest one), then the first
+    ``DST_KERNELS_TRITON_MAX_CONFIGS`` of them: capping after the fit keeps a capped run from
+    picking a config that cannot launch."""
     elem = max(
         named_args[name].element_size()
         for name in named_args
         if name.endswith("_ptr") and hasattr(named_args[name], "element_size")
     )
     limit = _shared_memory_limit()
-    kept = []
-    for cfg in configs:
-        m, n, k = cfg.kwargs["BM"], cfg.kwargs["BN"], cfg.kwargs["BK"]
-        # Two operand tiles per stage; whichever pair the kernel streams, this bounds it.
-        tiles = max(m * k + n * k, m * n + n * k, m * n + m * k)
-        if tiles * elem * max(cfg.num_stages, 1) <= limit:
-            kept.append(cfg)
-    return kept or configs[-1:]
+    kept = [cfg for cfg in configs if _footprint(cfg, elem) <= limit]
+    if not kept:
+        kept = [min(configs, key=lambda cfg: _footprint(cfg, elem))]
+    return kept[: _max_configs()]
 
 
 def _max_configs() -> int:
-    """``DST_KERNELS_TRITON_MAX_CONFIGS=N`` autotunes over the first N configs only (the tests
+    """``DST_KERNELS_TRITON_MAX_CONFIGS=N`` autotunes over the first N configs that fit (the tests
     use 1: on a GPU every config is compiled for every specialization); unset: all of them."""
     value = os.environ.get("DST_KERNELS_TRITON_MAX_CONFIGS", "")
     if not value:
@@ -63,7 +68,8 @@ def _max_configs() -> int:
 def _configs():
     if interpreting():  # the interpreter cannot benchmark: one config
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=4)]
-    # Largest tiles first: the order in which DST_KERNELS_TRITON_MAX_CONFIGS keeps them.
+    # Largest tiles first: the order in which DST_KERNELS_TRITON_MAX_CONFIGS keeps them. The
+    # last one fits float64 tiles (8-byte elements) in an H100's 227 KiB.
     return [
         triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
@@ -73,8 +79,9 @@ def _configs():
             (64, 64, 64, 4, 4),
             (32, 64, 64, 4, 4),
             (16, 64, 128, 4, 4),
+            (32, 32, 32, 4, 2),
         ]
-    ][: _max_configs()]
+    ]
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
@@ -264,6 +271,19 @@ def check_gemm_sizes(m: int, n: int, k: int) -> None:
             )
 
 
+def programs(*blocks: int) -> int:
+    """Programs of a 1-D grid over all block combinations; CUDA's grid x stops at 2**31 - 1."""
+    total = 1
+    for b in blocks:
+        total *= b
+    if total > 2**31 - 1:
+        raise ValueError(
+            f"this GEMM needs {total} Triton programs ({' x '.join(map(str, blocks))} blocks), more "
+            f"than a CUDA grid holds; use backend='native'"
+        )
+    return total
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -290,7 +310,7 @@ def _linear_op(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+        return (programs(triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"])),)
 
     wrap_triton(_fwd_kernel)[grid](
         x2,
@@ -327,7 +347,7 @@ def _linear_backward_op(
         grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)
 
         def grid_x(meta):
-            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BK"]),)
+            return (programs(triton.cdiv(M, meta["BM"]), triton.cdiv(K, meta["BK"])),)
 
         wrap_triton(_dx_kernel)[grid_x](
             g2,
@@ -355,7 +375,7 @@ def _linear_backward_op(
     partial = torch.zeros((triton.cdiv(K, 16), N), dtype=acc_dtype, device=weight.device)
 
     def grid_w(meta):
-        return (triton.cdiv(N, meta["BN"]) * triton.cdiv(K, meta["BK"]),)
+        return (programs(triton.cdiv(N, meta["BN"]), triton.cdiv(K, meta["BK"])),)
 
     wrap_triton(_dw_kernel)[grid_w](
         g2,
