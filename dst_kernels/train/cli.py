@@ -193,7 +193,8 @@ def _resolve(args) -> argparse.Namespace:
     problem = input_problem(args.model, DATASET_SHAPES[args.dataset])
     if problem is not None:
         fits = [m for m in sorted(MODELS) if input_problem(m, DATASET_SHAPES[args.dataset]) is None]
-        _fail(f"{problem} of --dataset {args.dataset}; models for it: {', '.join(fits)}")
+        gives = "x".join(map(str, DATASET_SHAPES[args.dataset]))
+        _fail(f"{problem}; --dataset {args.dataset} gives {gives} (models for it: {', '.join(fits)})")
     recipe = {"optimizer": "sgd", **RECIPES[args.dataset], **MODEL_RECIPES.get(args.model, {})}
     for key in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "alpha", "optimizer"):
         if getattr(args, key) is None:

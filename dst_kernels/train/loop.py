@@ -18,6 +18,7 @@ a progress bar is shown, once every ``log_every`` steps for the running loss.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -72,8 +73,11 @@ class StopFlag:
         self.requested = False
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __call__(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked with this handler: the main process decides
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
@@ -84,6 +88,7 @@ class StopFlag:
         )
 
     def __enter__(self) -> StopFlag:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self)

@@ -284,4 +284,4 @@ def input_problem(name: str, shape: tuple[int, int, int]) -> str | None:
         if spec.size is not None
         else f"{spec.channels}xHxW (H, W >= {spec.min_size})"
     )
-    return f"--model {name} takes {want} images ({spec.family}), the data set gives {c}x{h}x{w}"
+    return f"--model {name} takes {want} images ({spec.family})"
