@@ -37,8 +37,14 @@ _MODES = {"auto": 0, "always": 1, "never": 2}
 DEFAULT_MAX_DENSITY = 0.3
 
 
+_NATIVE: bool | None = None
+
+
 def _native() -> bool:
-    return _ops.has_op("dst_sparse_mm")
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _ops.has_op("dst_sparse_mm")
+    return _NATIVE
 
 
 def _require_native(what: str) -> None:
@@ -163,7 +169,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = self.values
-        if x.device.type == "cpu" and x.dtype == values.dtype and _native():
+        if x.dtype == values.dtype and not x.is_cuda and (_NATIVE or _native()) and x.is_cpu:
             return torch.ops.dst_kernels.dst_sparse_mm.default(
                 x, self.crow_indices, self.col_indices, values, self.bias
             )
