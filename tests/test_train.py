@@ -335,6 +335,12 @@ def test_cuda_device_without_cuda(tmp_path, capsys):
     assert "CUDA is not available here" in err
 
 
+def test_one_training_image_is_refused(tmp_path, capsys, mnist_dir):
+    argv = ["--dataset", "mnist", "--data-dir", mnist_dir, "--limit-train", "1", "--out", tmp_path / "r"]
+    err = _one_line_error(*run_cli(capsys, *argv))
+    assert "training needs at least 2 images" in err
+
+
 def test_cifar10_model_mismatch_names_models_that_fit(tmp_path, capsys):
     err = _one_line_error(*run_cli(capsys, "--dataset", "cifar10", "--model", "lenet5", "--out", tmp_path))
     assert "vgg16" in err and "wrn16_8" in err and "resnet50" in err

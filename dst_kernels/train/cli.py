@@ -382,7 +382,7 @@ class _Run:
             "dataset": args.dataset,
             "epochs": args.epochs,
             "alpha": args.alpha,
-            "parameters": count_parameters(build_model(args.model, source.num_classes)),
+            "parameters": None,  # filled from the first model built
         }
         self.dense_state = None
         self.phase = "dense"
@@ -410,6 +410,8 @@ class _Run:
             train_set = train_set.subset(args.limit_train, seed=args.seed)
         if args.limit_test is not None:
             test_set = test_set.subset(args.limit_test, seed=args.seed)
+        if len(train_set) < 2:  # a training batch of one is dropped (BatchNorm)
+            _fail(f"training needs at least 2 images, the data set gives {len(train_set)}")
         self.train_set, self.test_set = train_set, test_set
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
 
@@ -426,6 +428,8 @@ class _Run:
         # Both phases start from the same initial weights: the seeded build.
         _seed(self.args.seed)
         model = build_model(self.args.model, self.source.num_classes)
+        if self.summary.get("parameters") is None:
+            self.summary["parameters"] = count_parameters(model)
         if sparse:
             exclude = MODELS[self.args.model].exclude
             dst.sparsify(model, min_density=self.args.min_density, backend=self.args.backend, exclude=exclude)
