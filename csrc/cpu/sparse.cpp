@@ -410,6 +410,32 @@ DST_CPU_CLONES void tile_rows_any(const opmath<scalar_t>* xt, Csr<scalar_t> a, c
   }
 }
 
+#ifdef DST_AVX512_COMPRESS
+// One token row of float x (contiguous, no packing): per output feature, 16 kept weights
+// at a time with gathered x values, then a fixed-order horizontal sum.
+__attribute__((target("avx512f"))) void spmv_rows_avx512(const float* x, Csr<float> a,
+                                                         const float* bias, float* y, int64_t m0,
+                                                         int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t p = a.crow[m];
+    const int64_t e = a.crow[m + 1];
+    for (; p + 16 <= e; p += 16) {
+      const __m512i idx = _mm512_loadu_si512(a.col + p);
+      const __m512 g = _mm512_i32gather_ps(idx, x, 4);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a.val + p), g));
+    }
+    if (p < e) {
+      const __mmask16 k = __mmask16((1u << (e - p)) - 1u);
+      const __m512i idx = _mm512_maskz_loadu_epi32(k, a.col + p);
+      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, x, 4);
+      acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a.val + p), g));
+    }
+    y[m] = _mm512_reduce_add_ps(acc) + (bias != nullptr ? bias[m] : 0.0f);
+  }
+}
+#endif
+
 // y[n, m] = bias[m] + sum_k x[n, k] A[m, k]: x is [n_rows, k] row-major, A is [m_rows, k]
 // in CSR, y is [n_rows, m_rows] row-major. Parallel over (token tile, output feature)
 // pairs, tile-major, so a thread packs each of its tiles once.
@@ -442,6 +468,15 @@ void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t
       const int64_t n0 = tile * nb_full;
       const int64_t nb = std::min<int64_t>(nb_full, n_rows - n0);
       const int nbw = nb == nb_full ? nb_full : pow2_at_least(nb);
+#ifdef DST_AVX512_COMPRESS
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (nbw == 1 && has_avx512()) {
+          spmv_rows_avx512(x + n0 * k, a, bias, y + n0 * m_rows, m0, m1);
+          it += m1 - m0;
+          continue;
+        }
+      }
+#endif
       pack_tile(x + n0 * k, k, k, nb, nbw, xt.get());
       tile_rows_any<scalar_t>(xt.get(), a, bias, y + n0 * m_rows, m_rows, nb, nbw, m0, m1);
       it += m1 - m0;
@@ -573,16 +608,15 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_mask_cpu(const Tensor& weight,
   return {c.crow, c.col, c.val};
 }
 
-// The smallest and largest index (0 and 0 when there are none), vectorised.
-DST_CPU_CLONES std::pair<int32_t, int32_t> index_range(const int32_t* __restrict__ ip, int64_t n) {
-  int32_t lo = 0;
-  int32_t hi = 0;
-#pragma omp simd reduction(min : lo) reduction(max : hi)
+// Whether every index lies in [0, k): one unsigned compare each, vectorised.
+DST_CPU_CLONES bool indices_below(const int32_t* __restrict__ ip, int64_t n, int64_t k) {
+  const uint32_t bound = static_cast<uint32_t>(std::min<int64_t>(k, kMaxIndex));
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
   for (int64_t p = 0; p < n; ++p) {
-    lo = std::min(lo, ip[p]);
-    hi = std::max(hi, ip[p]);
+    bad |= static_cast<uint32_t>(ip[p]) >= bound ? 1u : 0u;
   }
-  return {lo, hi};
+  return bad == 0;
 }
 
 void check_csr(const char* op, const Tensor& crow, const Tensor& col, const Tensor& values,
@@ -608,9 +642,7 @@ void check_csr(const char* op, const Tensor& crow, const Tensor& col, const Tens
   }
   TORCH_CHECK(ordered, op, ": crow_indices must be non-decreasing");
   const int32_t* ip = col.const_data_ptr<int32_t>();
-  const int64_t nnz = col.numel();
-  const auto [lo, hi] = index_range(ip, nnz);
-  TORCH_CHECK(lo >= 0 && (nnz == 0 || hi < k), op, ": col_indices must lie in [0, ", k,
+  TORCH_CHECK(indices_below(ip, col.numel(), k), op, ": col_indices must lie in [0, ", k,
               ") (the features of x's last dimension)");
 }
 
