@@ -40,7 +40,13 @@ def test_benchmark_suite_smoke(tmp_path):
     assert set(results) == {"device", "torch", "commit", "records"}
     records = results["records"]
     ops = {r["op"] for r in records}
-    assert ops == {"linear", "conv2d", "lstm", "mask", "weight_grad"}
+    assert ops == {"linear", "conv2d", "lstm", "mask", "weight_grad", "sparse"}
+    sparse = [r for r in records if r["op"] == "sparse"]
+    expected = {("step", "dense"), ("forward", "dense"), ("forward", "torch-sparse")}
+    if "native" in dst.available_backends("cpu"):
+        expected |= {("step", "native-dense"), ("step", "native"), ("forward", "native")}
+    assert {(r["mode"], r["impl"]) for r in sparse} == expected
+    assert all(r["density"] == 0.03 for r in sparse)
     impls = {r["impl"] for r in records if r["op"] == "linear"}
     assert {"dense", "paper", "ao-fakesparsity", "reference"} <= impls
     assert {r["impl"] for r in records if r["op"] == "lstm"} >= {"dense", "reference"}
@@ -54,6 +60,7 @@ def test_benchmark_suite_smoke(tmp_path):
             "shape",
             "dtype",
             "mode",
+            "density",
             "median_ms",
             "iqr_ms",
             "peak_mem_bytes",
