@@ -313,23 +313,26 @@ def _timer(device: str):
     return timed
 
 
-def default_inner(case: Case) -> int:
-    """Calls per timed sample: enough to sit well above the timer's resolution."""
-    if case.device == "cuda":
+# CPU: calls per sample so that a sample lasts about this long (at most 20 calls).
+CPU_SAMPLE_MS = 20.0
+
+
+def _calibrated_inner(step: Callable[[], None], device: str) -> int:
+    """Calls per timed sample for one implementation, from one timed call after warm-up."""
+    if device == "cuda":
         return 20
-    work = 1
-    for s in case.shape:
-        work *= s
-    return max(1, min(20, int(2e8 // max(work, 1))))
+    t0 = time.perf_counter()
+    step()
+    ms = (time.perf_counter() - t0) * 1e3
+    return max(1, min(20, int(CPU_SAMPLE_MS / max(ms, 1e-3))))
 
 
 def measure(
     case: Case, impls: list[str], rounds: int = 7, inner: int | None = None, warmup: int = 3
 ) -> list[dict]:
     """Interleaved medians for every implementation of ``case``: a record per implementation."""
-    inner = inner or default_inner(case)
     check_distinct(case, impls)
-    steps, peaks, syncs = {}, {}, {}
+    steps, peaks, syncs, inners = {}, {}, {}, {}
     for impl in impls:
         if case.device == "cuda":
             torch.cuda.synchronize()
@@ -342,12 +345,13 @@ def measure(
             peaks[impl] = torch.cuda.max_memory_allocated()
         syncs[impl] = count_host_syncs(step, case.device)
         steps[impl] = step
+        inners[impl] = inner or _calibrated_inner(step, case.device)
     timed = _timer(case.device)
     samples: dict[str, list[float]] = {impl: [] for impl in impls}
     for r in range(rounds):
         order = impls[r % len(impls) :] + impls[: r % len(impls)]
         for impl in order:
-            samples[impl].append(timed(steps[impl], inner))
+            samples[impl].append(timed(steps[impl], inners[impl]))
     records = []
     for impl in impls:
         s = sorted(samples[impl])
