@@ -57,7 +57,7 @@ int64_t sparse_mode(int64_t mode) {
 }
 
 // Measured with `python -m benchmarks.bench_sparse` (a DSTLinear training step, sparse path
-// against dense path, densities 0.05 .. 0.4) on a 2-core x86-64 (AVX-512) machine; the
+// against dense path, densities 0.01 .. 0.4) on a 2-core x86-64 (AVX-512) machine; the
 // values sit at or below the crossovers seen (README, "Sparse execution"). The token count is
 // what moves it: with few rows of input the dense GEMM is a pass over W, as cheap as the
 // compression passes the sparse path adds; with many rows the GEMMs dominate.
@@ -65,7 +65,7 @@ double sparse_crossover(int64_t tokens, int64_t in, int64_t out) {
   (void)in;
   (void)out;
   if (tokens < 8) {
-    return 0.04;
+    return 0.02;
   }
   if (tokens < 32) {
     return 0.1;
