@@ -37,14 +37,12 @@ _MODES = {"auto": 0, "always": 1, "never": 2}
 DEFAULT_MAX_DENSITY = 0.3
 
 
-_NATIVE: bool | None = None
-
-
 def _native() -> bool:
-    global _NATIVE
-    if _NATIVE is None:
-        _NATIVE = _ops.has_op("dst_sparse_mm")
-    return _NATIVE
+    return _SPARSE_MM is not None
+
+
+# The product op, looked up once (SparseLinear.forward is on the per-call path).
+_SPARSE_MM = torch.ops.dst_kernels.dst_sparse_mm.default if _ops.has_op("dst_sparse_mm") else None
 
 
 def _require_native(what: str) -> None:
@@ -168,11 +166,10 @@ class SparseLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = self.values
-        if x.dtype == values.dtype and not x.is_cuda and (_NATIVE or _native()) and x.is_cpu:
-            return torch.ops.dst_kernels.dst_sparse_mm.default(
-                x, self.crow_indices, self.col_indices, values, self.bias
-            )
+        buffers = self._buffers  # direct: Module.__getattr__ costs a microsecond per buffer
+        values = buffers["values"]
+        if _SPARSE_MM is not None and x.is_cpu and x.dtype == values.dtype:
+            return _SPARSE_MM(x, buffers["crow_indices"], buffers["col_indices"], values, buffers["bias"])
         return F.linear(
             x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
         )
