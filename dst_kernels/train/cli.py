@@ -119,6 +119,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="on every parameter, thresholds too")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-t) in the loss")
+    p.add_argument(
+        "--target-density",
+        type=float,
+        default=None,
+        metavar="D",
+        help="adapt alpha during the DST run (dst.DensityController) so that it ends at this kept "
+        "fraction, in (0, 1); --alpha is then alpha's starting value",
+    )
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="default: the recipe's")
     p.add_argument(
         "--milestones", default=None, help="comma-separated epochs where the lr drops x0.1 (default: recipe)"
@@ -240,6 +248,9 @@ def _resolve(args) -> argparse.Namespace:
             _fail(f"{flag} must be >= 0, got {value:g}")
     if args.workers is not None and args.workers < 0:
         _fail(f"--workers must be >= 0, got {args.workers}")
+    target = getattr(args, "target_density", None)
+    if target is not None and not 0.0 < target < 1.0:
+        _fail(f"--target-density must be a fraction in (0, 1), got {target:g}")
     if any(m < 1 for m in args.milestones):
         _fail(f"--milestones must be epochs >= 1, got {args.milestones}")
     args.device = _check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -382,6 +393,7 @@ class _Run:
             "dataset": args.dataset,
             "epochs": args.epochs,
             "alpha": args.alpha,
+            "target_density": getattr(args, "target_density", None),
             "parameters": None,  # filled from the first model built
         }
         self.dense_state = None
@@ -435,10 +447,17 @@ class _Run:
             dst.sparsify(model, min_density=self.args.min_density, backend=self.args.backend, exclude=exclude)
         return model
 
-    def _alpha_fn(self, model):
-        """The regulariser weight per step for the DST phase: None keeps ``--alpha`` constant.
-        A controller that adapts alpha (a target density) returns its callable here."""
-        return None
+    def _alpha_fn(self, model, train_loader):
+        """The regulariser weight per step for the DST phase: None keeps ``--alpha`` constant;
+        with ``--target-density`` a DensityController adapts it (its state is checkpointed)."""
+        a = self.args
+        if getattr(a, "target_density", None) is None:  # absent from checkpoints of older runs
+            return None
+        start = a.alpha if a.alpha > 0 else 1e-4
+        steps = a.epochs * train_loader.batch_sampler.batches_per_epoch()
+        return dst.DensityController(
+            model, a.target_density, alpha=start, alpha_max=max(1.0, start), total_steps=steps
+        )
 
     def _log(self, record: dict) -> None:
         self.records.append(record)
@@ -496,7 +515,7 @@ class _Run:
             test,
             self.cfg,
             label="dst" if sparse else "dense",
-            alpha_fn=self._alpha_fn(model) if sparse else None,
+            alpha_fn=self._alpha_fn(model, train) if sparse else None,
             on_epoch=self._log,
             on_step=self.on_step,
             on_best=self._on_best,

@@ -263,7 +263,10 @@ class Trainer:
         loss = task
         if self.sparse:
             alpha = self.alpha()
-            if isinstance(alpha, torch.Tensor) or alpha != 0:
+            penalty = getattr(self.alpha_fn, "penalty", None)  # a DensityController's, with its floors
+            if penalty is not None:
+                loss = task + penalty()
+            elif isinstance(alpha, torch.Tensor) or alpha != 0:
                 loss = task + alpha * dst.sparsity_loss(self.model)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
