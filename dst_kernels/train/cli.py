@@ -28,6 +28,7 @@ import torch
 
 import dst_kernels as dst
 from dst_kernels.train import data as D
+from dst_kernels.train import dist as DIST
 from dst_kernels.train.loop import Interrupted, RunConfig, StopFlag, Trainer
 from dst_kernels.train.models import MODELS, build_model, count_parameters, input_problem
 from dst_kernels.train.plots import plot_accuracy, plot_density, plot_layer_bars
@@ -287,13 +288,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _save(obj, path: str) -> None:
-    """Write ``path`` atomically: a reader (or a resumed run) never sees half a file."""
+    """Write ``path`` atomically: a reader (or a resumed run) never sees half a file. Under
+    torchrun only rank 0 writes (every rank holds the same model and state)."""
+    if not DIST.current().main:
+        return
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def _write_json(obj, path: str) -> None:
+    if not DIST.current().main:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -431,7 +437,14 @@ class _Run:
 
     def _loaders(self):
         a = self.args
-        common = dict(workers=a.workers, device=self.device, limit_batches=a.limit_batches)
+        ctx = DIST.current()
+        common = dict(
+            workers=a.workers,
+            device=self.device,
+            limit_batches=a.limit_batches,
+            rank=ctx.rank,
+            world=ctx.world,
+        )
         train = D.make_loader(self.train_set, a.batch_size, shuffle=True, seed=a.seed, **common)
         test = D.make_loader(self.test_set, self.source.eval_batch_size, shuffle=False, seed=a.seed, **common)
         return train, test
@@ -461,8 +474,9 @@ class _Run:
 
     def _log(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if DIST.current().main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         trainer = self.trainer
         if trainer is not None and (record["epoch"] % self.args.save_every == 0):
             self.save_last()
@@ -528,8 +542,9 @@ class _Run:
 
     def restore(self, ckpt: dict) -> None:
         self.records = list(ckpt["records"])
-        with open(self.metrics_path, "w") as f:  # drop lines written after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        if DIST.current().main:
+            with open(self.metrics_path, "w") as f:  # drop lines written after the checkpoint
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
         self.summary = ckpt["summary"]
         self.dense_state = ckpt["dense"]
         self.phase = ckpt["phase"]
@@ -541,8 +556,9 @@ class _Run:
     def run(self, resumed: bool) -> None:
         self.started = time.perf_counter()
         with self.stop:
-            if not resumed:
+            if not resumed and DIST.current().main:
                 open(self.metrics_path, "w").close()
+            if not resumed:
                 if self.args.no_dense_baseline:
                     self.summary["dense"] = None
                     self.phase = "dst"
@@ -588,7 +604,10 @@ class _Run:
         self.summary["device"] = a.device
         self.summary["amp"] = a.amp
         self.summary["compile"] = a.compile
+        self.summary["world_size"] = DIST.current().world
         self.save_last(complete=True)
+        if not DIST.current().main:
+            return  # rank 0 writes the plots and the summary
         dst_records = [r for r in self.records if r["run"] == "dst"]
         title = f"{a.model} on {a.dataset}"
         plot_density(
@@ -632,6 +651,10 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
             args = _merge_resume_args(args, ckpt["args"], explicit)
             args.argv = ckpt["args"].get("argv", argv)
             args.device = _check_device(args.device)
+        # Under torchrun: join the group (this rank's device), and let every rank check --out
+        # before rank 0 writes anything in it.
+        ctx, args.device = DIST.setup(args.device)
+        ctx.barrier()
         os.makedirs(args.out, exist_ok=True)
         try:
             source = D.load_dataset(args.dataset, args)
@@ -646,9 +669,19 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
     except KeyboardInterrupt:
         print("dst-train: interrupted while reading the data; nothing to save", file=sys.stderr)
         return 128 + signal.SIGINT
-    print(
+    try:
+        return _main_run(args, run, ckpt)
+    finally:
+        DIST.teardown()
+
+
+def _main_run(args, run: _Run, ckpt) -> int:
+    ctx = DIST.current()
+    say = print if ctx.main else (lambda *a, **k: None)  # rank 0 speaks for the run
+    world = f", {ctx.world} processes" if ctx.distributed else ""
+    say(
         f"dst-train: {args.model} on {args.dataset} ({len(run.train_set)} train / {len(run.test_set)} test), "
-        f"{args.epochs} epochs, alpha {args.alpha:g}, device {args.device}"
+        f"{args.epochs} epochs, alpha {args.alpha:g}, device {args.device}{world}"
         + (f", resuming {run.phase} epoch {run.trainer.epoch} batch {run.trainer.batch}" if ckpt else ""),
         file=sys.stderr,
     )
@@ -658,13 +691,13 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
         path = run.save_last()
         t = run.trainer
         name = signal.Signals(run.stop.signum or signal.SIGINT).name
-        print(
+        say(
             f"dst-train: interrupted ({name}) in the {run.phase} run at epoch {t.epoch}, batch {t.batch}; "
             f"saved {path}; resume with: dst-train --out {shlex.quote(args.out)} --resume",
             file=sys.stderr,
         )
         return 128 + (run.stop.signum or 2)
     except D.UsageError as e:  # bad data found while training (an image that does not decode)
-        print(f"dst-train: error: {_one_line(e)}", file=sys.stderr)
+        say(f"dst-train: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0

@@ -87,11 +87,23 @@ class EpochBatchSampler:
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, limit: int | None = None
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        limit: int | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world > 1 and batch_size < world:
+            raise ValueError(f"batch_size {batch_size} is smaller than the number of processes {world}")
         self.n, self.batch_size, self.shuffle, self.seed, self.limit = n, batch_size, shuffle, seed, limit
+        # Under torchrun every rank walks the same global batches and takes its contiguous share.
+        self.rank, self.world = rank, world
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -100,8 +112,15 @@ class EpochBatchSampler:
     def batches_per_epoch(self) -> int:
         full = self.n // self.batch_size
         rest = self.n - full * self.batch_size
-        count = full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
+        # Training (shuffle) also drops a trailing batch too small to give every rank a sample;
+        # evaluation keeps it (a rank may then get nothing in the last batch).
+        least = max(2, self.world) if self.shuffle else 1
+        count = full + (1 if rest >= least else 0)
         return count if self.limit is None else min(count, self.limit)
+
+    def global_batch_size(self, b: int) -> int:
+        """Samples in batch ``b`` (0-based) over all ranks."""
+        return min(self.batch_size, self.n - b * self.batch_size)
 
     def __len__(self) -> int:
         return max(self.batches_per_epoch() - self.start, 0)
@@ -114,7 +133,14 @@ class EpochBatchSampler:
             order = torch.arange(self.n)
         bs = self.batch_size
         for b in range(self.start, self.batches_per_epoch()):
-            yield BatchKey(batch_seed(self.seed, self.epoch, b + 1), order[b * bs : (b + 1) * bs].tolist())
+            indices = order[b * bs : (b + 1) * bs]
+            seed = batch_seed(self.seed, self.epoch, b + 1)
+            if self.world > 1:  # this rank's share; its own augmentation seed
+                indices = torch.tensor_split(indices, self.world)[self.rank]
+                seed = batch_seed(seed, self.rank, 0)
+                if len(indices) == 0:
+                    continue  # evaluation's last batch, smaller than the world
+            yield BatchKey(seed, indices.tolist())
 
 
 def _collate_batch(batch):
@@ -198,10 +224,15 @@ def make_loader(
     workers: int,
     device: torch.device,
     limit_batches: int | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` driven by an :class:`EpochBatchSampler`
-    (``loader.batch_sampler.set_epoch(epoch, start)`` before each epoch)."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, limit=limit_batches)
+    (``loader.batch_sampler.set_epoch(epoch, start)`` before each epoch); with ``world > 1``
+    it yields this rank's share of every global batch."""
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, shuffle=shuffle, seed=seed, limit=limit_batches, rank=rank, world=world
+    )
     cuda = device.type == "cuda"
     return torch.utils.data.DataLoader(
         dataset,

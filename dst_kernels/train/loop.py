@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import dst_kernels as dst
+from dst_kernels.train import dist as D
 
 __all__ = ["Interrupted", "RunConfig", "StopFlag", "Trainer", "evaluate", "train"]
 
@@ -137,8 +138,12 @@ def _threshold_stats(model: nn.Module) -> tuple[dict[str, float], float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, *, topk=(1,), amp=None, channels_last=False, stop=None):
-    """(mean loss, {k: top-k accuracy as a fraction}) over ``loader``."""
+def evaluate(
+    model: nn.Module, loader, device, *, topk=(1,), amp=None, channels_last=False, stop=None, ctx=None
+):
+    """(mean loss, {k: top-k accuracy as a fraction}) over ``loader``; under torchrun (``ctx``)
+    over every rank's share, summed across ranks."""
+    ctx = ctx or D.Context()
     device = torch.device(device)
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -159,10 +164,14 @@ def evaluate(model: nn.Module, loader, device, *, topk=(1,), amp=None, channels_
         hits = top == y[:, None]
         correct += torch.stack([hits[:, :k].any(1).sum() for k in topk])
         count += len(y)
+    totals = torch.cat(
+        [loss_sum[None].double(), correct.double(), torch.tensor([count], device=device).double()]
+    )
+    values = ctx.all_reduce_sum(totals).tolist()
+    count = values[-1]
     if count == 0:
         raise ValueError("evaluate: the test loader gave no batches")
-    values = torch.cat([loss_sum[None], correct.double()]).tolist()
-    return values[0] / count, {k: c / count for k, c in zip(topk, values[1:])}
+    return values[0] / count, {k: c / count for k, c in zip(topk, values[1:-1])}
 
 
 class Trainer:
@@ -186,13 +195,21 @@ class Trainer:
         on_step: Callable[[Trainer], None] | None = None,
         on_best: Callable[[Trainer, dict], None] | None = None,
         stop: StopFlag | None = None,
+        ctx: D.Context | None = None,
     ) -> None:
         self.cfg, self.label = cfg, label
+        self.ctx = ctx or D.current()
         self.device = torch.device(cfg.device)
         self.model = model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
+        forward = self.model
+        if self.ctx.distributed:  # gradients of W and t all-reduced by DDP: nothing DST-specific
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(forward, backend=cfg.compile) if cfg.compile else forward
         self.sparse = any(dst.is_dst_layer(m) for m in model.modules())
         self.train_loader, self.test_loader = train_loader, test_loader
         self.opt = _optimizer(self.model, cfg)
@@ -261,13 +278,18 @@ class Trainer:
             out = self.forward(x)
         task = F.cross_entropy(out.float(), y)
         loss = task
+        if self.ctx.distributed:
+            # DDP averages the ranks' gradients: weigh each rank's mean by its share of the global
+            # batch so that the average is the global batch's mean (exact for uneven shares too).
+            n = self.train_loader.batch_sampler.global_batch_size(self.batch)
+            loss = task * (len(y) * self.ctx.world / n)
         if self.sparse:
             alpha = self.alpha()
             penalty = getattr(self.alpha_fn, "penalty", None)  # a DensityController's, with its floors
             if penalty is not None:
-                loss = task + penalty()
+                loss = loss + penalty()
             elif isinstance(alpha, torch.Tensor) or alpha != 0:
-                loss = task + alpha * dst.sparsity_loss(self.model)
+                loss = loss + alpha * dst.sparsity_loss(self.model)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -280,8 +302,18 @@ class Trainer:
         self.seen += len(y)
         return task
 
-    def _check_stop(self) -> None:
-        if self.stop is not None and self.stop.requested:
+    def _check_stop(self, force: bool = False) -> None:
+        if self.stop is None:
+            return
+        if not self.ctx.distributed:
+            if self.stop.requested:
+                raise Interrupted
+            return
+        # Every rank must stop after the same step: agree on the flag (one collective) at
+        # epoch ends and every log_every steps.
+        if (force or self.global_step % self.cfg.log_every == 0) and self.ctx.any(
+            self.stop.requested, self.device
+        ):
             raise Interrupted
 
     def _train_epoch(self) -> None:
@@ -293,7 +325,7 @@ class Trainer:
             initial=self.batch,
             desc=f"{self.label} {self.epoch}/{self.cfg.epochs}",
             leave=False,
-            disable=None if self.cfg.progress is None else not self.cfg.progress,
+            disable=(None if self.cfg.progress is None else not self.cfg.progress) if self.ctx.main else True,
             unit="batch",
         )
         started = time.perf_counter()
@@ -306,7 +338,8 @@ class Trainer:
                 except StopIteration:
                     break
                 except Exception:
-                    self._check_stop()  # a worker that died of the same Ctrl-C
+                    if self.stop is not None and self.stop.requested:
+                        raise Interrupted from None  # a worker that died of the same Ctrl-C
                     raise
                 task = self._step(x, y)
                 self.batch += 1
@@ -322,21 +355,26 @@ class Trainer:
             elapsed = time.perf_counter() - started
             self.epoch_seconds += elapsed
             self.train_seconds += elapsed
-        self._check_stop()
+        self._check_stop(force=True)
 
     def _finish_epoch(self) -> dict:
         lr = self.opt.param_groups[0]["lr"]
-        mean_loss = self.loss_sum.item() / max(self.seen, 1)  # waits for the epoch's last step
+        totals = torch.stack(
+            [self.loss_sum.double(), torch.tensor(float(self.seen), device=self.device).double()]
+        )
+        loss_sum, seen = self.ctx.all_reduce_sum(totals).tolist()  # waits for the epoch's last step
+        mean_loss = loss_sum / max(seen, 1)
         steps = self.train_loader.batch_sampler.batches_per_epoch()
         eval_started = time.perf_counter()
         test_loss, acc = evaluate(
-            self.forward,
+            self.model if self.ctx.distributed else self.forward,  # no DDP collectives in eval
             self.test_loader,
             self.device,
             topk=self.cfg.topk,
             amp=self.cfg.amp,
             channels_last=self.cfg.channels_last,
-            stop=self.stop,
+            stop=None if self.ctx.distributed else self.stop,  # ranks may hold different batches
+            ctx=self.ctx,
         )
         record = {
             "run": self.label,
@@ -380,7 +418,7 @@ class Trainer:
         self.epoch += 1
         self.batch, self.seen, self.epoch_seconds = 0, 0, 0.0
         self.loss_sum = torch.zeros((), device=self.device)
-        if self.cfg.progress is not False:
+        if self.cfg.progress is not False and self.ctx.main:
             tqdm.write(
                 f"{self.label} epoch {record['epoch']:3d}/{self.cfg.epochs}: loss {record['loss']:.4f}  "
                 f"test acc {100 * record['accuracy']:6.2f}%  density {100 * record['density']:6.2f}%"

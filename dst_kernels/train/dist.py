@@ -1,0 +1,83 @@
+"""``dst-train`` under ``torchrun``: the process group, this rank's place in it, and reductions.
+
+``torchrun --nproc_per_node N -m dst_kernels.train ...`` (or the ``dst-train`` script) sets
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`setup` then joins the group (NCCL for CUDA,
+gloo for the CPU) and every rank trains on its share of each global batch. Outside torchrun
+nothing changes: one process, world size 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Context", "setup", "current", "teardown"]
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes files and prints the run's lines."""
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is set on any rank (a collective: every rank calls it)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+_CURRENT = Context()
+
+
+def current() -> Context:
+    return _CURRENT
+
+
+def setup(device: str) -> tuple[Context, str]:
+    """Join the torchrun group if there is one; returns the context and this rank's device
+    (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    global _CURRENT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        _CURRENT = Context()
+        return _CURRENT, device
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    _CURRENT = Context(rank=rank, world=world, local_rank=local_rank)
+    return _CURRENT, device
+
+
+def teardown() -> None:
+    global _CURRENT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT = Context()
