@@ -234,3 +234,18 @@ CUDA_PARAM = pytest.param(
     marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
 )
 DEVICES = ["cpu", CUDA_PARAM]
+
+
+def triton_test(test):
+    """A Triton test: on the GPU where there is one (marker cuda, run by the GPU round), else in
+    the Triton interpreter; skipped where neither can run."""
+    import dst_kernels as dst
+
+    skip = pytest.mark.skipif(
+        "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
+        reason="triton is not installed",
+    )
+    return pytest.mark.cuda(skip(test))
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,6 +4,7 @@ and saves what the parent compares with one process training on the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -134,7 +135,7 @@ def _ddp_run(rank, world, kind, backend, micro=1, find_unused=False, perturb=Fal
             x, y = parts[rank]
             if perturb and rank == 1:
                 x = x * 7.0 + 1.0  # another local batch: the gradients still agree after the all-reduce
-            ctx = ddp.no_sync() if k < micro - 1 else _nullcontext()
+            ctx = ddp.no_sync() if k < micro - 1 else contextlib.nullcontext()
             with ctx:
                 loss_fn(ddp(x), y, model).backward()
         opt.step()
@@ -143,14 +144,6 @@ def _ddp_run(rank, world, kind, backend, micro=1, find_unused=False, perturb=Fal
             torch.cat([t.detach().clone() for n, t in model.named_parameters() if "threshold" in n])
         )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, thresholds
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def ddp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
@@ -171,6 +164,22 @@ def ddp_worker(rank: int, world: int, store: str, out: str, backend: str) -> Non
     dist.destroy_process_group()
 
 
+def _fit_local(model, kind: str, world: int, rank: int, dtype=None) -> list[torch.Tensor]:
+    """SGD steps of ``model`` on this rank's share of every global batch; the losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    losses = []
+    for step in global_batches(kind, world):
+        x, y = step[0][rank]
+        if dtype is not None:
+            x, y = x.to(dtype), y.to(dtype)
+        loss = loss_fn(model(x), y, model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
 def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
     """FSDP2 over DST layers against the single-process step; then the report, a full state
     dict (gathered, saved, loaded into a fresh sharded model), mixed precision, and the error
@@ -189,12 +198,7 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
     full_sd = StateDictOptions(full_state_dict=True, cpu_offload=True)
     results = {}
     model = fully_shard(build_model("mlp", backend).train())
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    for step in global_batches("mlp", world):
-        x, y = step[0][rank]
-        loss_fn(model(x), y, model).backward()
-        opt.step()
-        opt.zero_grad()
+    _fit_local(model, "mlp", world, rank)
     results["state"] = {
         k: v.detach().clone() for k, v in get_model_state_dict(model, options=full_sd).items()
     }
@@ -214,16 +218,7 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
     # Mixed precision: bf16 parameters in the forward, fp32 gradient reduction.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mp_model = fully_shard(build_model("mlp", backend).float().train(), mp_policy=policy)
-    mp_opt = torch.optim.SGD(mp_model.parameters(), lr=LR, momentum=0.9)
-    losses = []
-    for step in global_batches("mlp", world):
-        x, y = step[0][rank]
-        loss = loss_fn(mp_model(x.float()), y.float(), mp_model)
-        loss.backward()
-        mp_opt.step()
-        mp_opt.zero_grad()
-        losses.append(loss.detach())
-    results["mp_losses"] = torch.stack(losses)
+    results["mp_losses"] = torch.stack(_fit_local(mp_model, "mlp", world, rank, dtype=torch.float32))
     results["mp_state"] = {
         k: v.detach().clone() for k, v in get_model_state_dict(mp_model, options=full_sd).items()
     }
@@ -254,12 +249,7 @@ def fsdp_uneven_worker(rank: int, world: int, store: str, out: str, backend: str
     model = fully_shard(build_model("narrow_head", backend).train())
     with torch.no_grad():  # the head keeps nothing: its reset fires with an empty shard on rank 2
         model[2].threshold.to_local().fill_(10.0)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    for step in global_batches("narrow_head", world):
-        x, y = step[0][rank]
-        loss_fn(model(x), y, model).backward()
-        opt.step()
-        opt.zero_grad()
+    _fit_local(model, "narrow_head", world, rank)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     torch.save(
         {k: v.detach().clone() for k, v in state.items()},

@@ -6,7 +6,16 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_rel, make_case, rederive, row_length, tol_for
+from conftest import (
+    DEVICES,
+    TRITON_DEVICE,
+    assert_close_rel,
+    make_case,
+    rederive,
+    row_length,
+    tol_for,
+    triton_test,
+)
 
 import dst_kernels as dst
 from dst_kernels import functional as DF
@@ -72,18 +81,7 @@ def test_opcheck_dst_linear(min_density):
 
 # ----------------------------------------------------------------------------- triton
 
-_TRITON_SKIP = pytest.mark.skipif(
-    "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
-    reason="triton is not installed",
-)
-
-
-def TRITON(test):
-    """A Triton test: on the GPU where there is one (marker cuda), else in the interpreter."""
-    return pytest.mark.cuda(_TRITON_SKIP(test))
-
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = triton_test
 
 
 @TRITON

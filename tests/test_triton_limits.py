@@ -9,9 +9,8 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close_rel, make_case, tol_for
+from conftest import TRITON_DEVICE, assert_close_rel, make_case, tol_for, triton_test
 
-import dst_kernels as dst
 from dst_kernels import functional as DF
 
 pytest.importorskip("triton", reason="the Triton backend needs triton")
@@ -19,18 +18,7 @@ mask_mod = importlib.import_module("dst_kernels.triton.mask")
 linear_mod = importlib.import_module("dst_kernels.triton.linear")
 conv_mod = importlib.import_module("dst_kernels.triton.conv")
 
-_TRITON_SKIP = pytest.mark.skipif(
-    "triton" not in dst.available_backends("cpu") and not torch.cuda.is_available(),
-    reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU",
-)
-
-
-def TRITON(test):
-    """A Triton test: on the GPU where there is one (marker cuda), else in the interpreter."""
-    return pytest.mark.cuda(_TRITON_SKIP(test))
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = triton_test
 
 
 @pytest.mark.parametrize("rows, cols", [(1, 5_000_000), (300_000, 300), (7, 13)])
@@ -70,7 +58,7 @@ def test_every_stride_product_is_int64(module):
 @TRITON
 def test_kept_count_is_int64():
     weight, threshold = make_case((7, 13), torch.float32)
-    count = mask_mod._count(weight.to(DEVICE), threshold.to(DEVICE), None)
+    count = mask_mod._count(weight.to(TRITON_DEVICE), threshold.to(TRITON_DEVICE), None)
     assert count.dtype == torch.int64
     assert int(count.item()) == int((weight.abs() > threshold[:, None]).sum())
 
@@ -81,7 +69,8 @@ def test_linear_with_a_transposed_input():
     weight, threshold = make_case((11, 37), torch.float32)
     x = torch.randn(37, 23).t()  # [23, 37] with strides (1, 23)
     assert not x.is_contiguous()
-    weight, threshold, xd = weight.to(DEVICE), threshold.to(DEVICE), x.to(DEVICE).requires_grad_(True)
+    weight, threshold = weight.to(TRITON_DEVICE), threshold.to(TRITON_DEVICE)
+    xd = x.to(TRITON_DEVICE).requires_grad_(True)
     y = DF.dst_linear(xd, weight, threshold, backend="triton")
     (gx,) = torch.autograd.grad(y, (xd,), torch.ones_like(y))
     p = weight.double().cpu() * (weight.abs() > threshold[:, None]).cpu()
