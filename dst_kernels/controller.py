@@ -22,8 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dst_kernels.nn import is_dst_layer
-from dst_kernels.regulariser import threshold_penalty
+from dst_kernels.nn import is_dst_layer, layer_penalty
 
 __all__ = ["DensityController"]
 
@@ -221,7 +220,7 @@ class DensityController:
         Without floors every factor is 1 and this is ``alpha * dst.sparsity_loss(model)``.
         """
         self._follow_device()
-        terms = [sum(threshold_penalty(t) for t in m.thresholds()) for m in self._layers]
+        terms = [layer_penalty(m) for m in self._layers]  # FSDP2: this rank's shards
         if self._floors is None:
             return self._alpha * sum(terms[1:], terms[0])
         total = terms[0] * self._scales[0]

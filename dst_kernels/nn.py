@@ -109,6 +109,7 @@ class DSTLayer:
             and param is not params[name]
             and any(w == name for w, _ in self._dst_pairs)
             and not self.__dict__.get("_dst_assigning", False)
+            and not (is_dtensor(param) or is_dtensor(params[name]))  # FSDP2 swapping shards in and out
         ):
             raise RuntimeError(
                 f"cannot assign a new Parameter to {name!r} of the DST layer {type(self).__name__}: "
@@ -237,7 +238,8 @@ def masked_along(weight, threshold, axis: int, backend: str, min_density) -> tor
     return p.movedim(0, axis) if axis else p
 
 
-def _regulariser(layer: DSTLayer) -> torch.Tensor:
+def layer_penalty(layer: DSTLayer) -> torch.Tensor:
+    """``sum exp(-t)`` over one DST layer's thresholds (under FSDP2, this rank's shards)."""
     thresholds = layer.thresholds()
     if any(is_dtensor(t) for t in thresholds):  # FSDP2: each rank adds its own shards' terms
         check_sharded_reset(layer)
@@ -519,7 +521,7 @@ def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def sparsity_loss(model: nn.Module) -> torch.Tensor:
     """``sum over DST layers of sum_i exp(-t_i)``; multiply by alpha and add to the loss."""
-    terms = [_regulariser(m) for m in model.modules() if is_dst_layer(m)]
+    terms = [layer_penalty(m) for m in model.modules() if is_dst_layer(m)]
     if not terms:
         raise ValueError("sparsity_loss: the model has no DST layers (use dst_kernels.sparsify)")
     return sum(terms[1:], terms[0])

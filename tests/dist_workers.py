@@ -206,6 +206,22 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
     results["density"] = [m.density() for m in model if dst.is_dst_layer(m)]
     results["threshold_is_dtensor"] = type(model[0].threshold).__name__
 
+    # A DSTConv2d + DSTLSTM model: FSDP2 swaps the LSTM's sharded and unsharded weights in and
+    # out through the module's setattr (nn.LSTM keeps its own list of weights).
+    conv_lstm = fully_shard(build_model("conv_lstm", backend).train())
+    _fit_local(conv_lstm, "conv_lstm", world, rank)
+    results["conv_lstm"] = {
+        k: v.detach().clone() for k, v in get_model_state_dict(conv_lstm, options=full_sd).items()
+    }
+
+    # A DensityController's penalty on sharded thresholds: each rank's shards, summed over ranks.
+    controlled = fully_shard(build_model("mlp", backend).train())
+    penalty = dst.DensityController(controlled, 0.5, alpha=ALPHA).penalty()
+    results["penalty_type"] = type(penalty).__name__
+    penalty = penalty.detach().clone()
+    dist.all_reduce(penalty)
+    results["penalty"] = penalty
+
     # Checkpoint: the gathered full state dict loads into a fresh sharded model.
     fresh = fully_shard(build_model("mlp", backend).train())
     # cpu_offload gathers the full state on rank 0 only; broadcast it from there.
@@ -256,3 +272,30 @@ def fsdp_uneven_worker(rank: int, world: int, store: str, out: str, backend: str
         os.path.join(out, f"uneven-{backend}-rank{rank}.pt"),
     )
     dist.destroy_process_group()
+
+
+def cli_worker(rank: int, world: int, port: int, argv: list[str], stop_at, out: str) -> None:
+    """One rank of ``dst-train`` as torchrun starts it (its environment variables), in this
+    process so that a test can ask rank 0 to stop (SIGINT) after global step ``stop_at =
+    (label, n)``; writes the exit status to ``out/rc<rank>``."""
+    import signal
+
+    from dst_kernels.train import cli
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+
+    def hook(trainer):
+        if stop_at is not None and rank == 0 and (trainer.label, trainer.global_step) == tuple(stop_at):
+            os.kill(os.getpid(), signal.SIGINT)  # the run's own handler: stop, agree, save
+
+    rc = cli.main(list(argv), on_step=hook)
+    with open(os.path.join(out, f"rc{rank}"), "w") as f:
+        f.write(str(rc))

@@ -114,6 +114,19 @@ def test_fsdp2_step_equals_one_process(fsdp_results):
     assert expected[first].abs().max() < 1.0, "the reset rule fired and persisted"
 
 
+def test_fsdp2_conv_lstm_step_equals_one_process(fsdp_results):
+    backend, ranks = fsdp_results
+    assert _max_diff(ranks[0]["conv_lstm"], W.train_single("conv_lstm", backend, WORLD)) <= TOL
+
+
+def test_fsdp2_density_controller_penalty_sums_the_shards(fsdp_results):
+    backend, ranks = fsdp_results
+    expected = W.ALPHA * dst.sparsity_loss(W.build_model("mlp", backend)).detach()
+    for result in ranks:
+        assert result["penalty_type"] == "Tensor", "a plain tensor, added to a plain loss"
+        torch.testing.assert_close(result["penalty"].to(expected.dtype), expected, rtol=1e-6, atol=0)
+
+
 def test_fsdp2_report_and_fold_match_the_gathered_model(fsdp_results):
     backend, ranks = fsdp_results
     model = W.build_model("mlp", backend)

@@ -159,6 +159,12 @@ def parser() -> argparse.ArgumentParser:
         help="torch.compile the model (backend: inductor unless named)",
     )
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state across the torchrun processes "
+        "(FSDP2, torch.distributed.fsdp.fully_shard) instead of replicating them (DDP)",
+    )
     p.add_argument("--no-dense-baseline", action="store_true", help="skip the dense run")
     p.add_argument("--out", default="runs/latest", help="output folder")
     again = p.add_mutually_exclusive_group()
@@ -263,7 +269,18 @@ def _resolve(args) -> argparse.Namespace:
             )
     if args.workers is None:
         args.workers = 0 if args.dataset != "imagenet" else min(8, os.cpu_count() or 1)
+    if args.fsdp:
+        _check_fsdp()
     return args
+
+
+def _check_fsdp() -> None:
+    if not torch.distributed.is_available():
+        _fail(f"--fsdp: torch {torch.__version__} is built without torch.distributed")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        _fail(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), not in torch {torch.__version__}")
 
 
 def _seed(seed: int) -> None:
@@ -383,6 +400,10 @@ def _merge_resume_args(args, saved: dict, explicit: set[str]) -> argparse.Namesp
     return merged
 
 
+def _fsdp(args) -> bool:
+    return bool(getattr(args, "fsdp", False))  # absent from checkpoints of older runs
+
+
 def _explicit_dests(p: argparse.ArgumentParser, args) -> set[str]:
     return {a.dest for a in p._actions if a.dest != "help" and getattr(args, a.dest, None) != a.default}
 
@@ -422,6 +443,7 @@ class _Run:
             compile=args.compile,
             log_every=args.log_every,
             topk=(1, 5) if args.dataset == "imagenet" else (1,),
+            fsdp=_fsdp(args),
         )
         train_set, test_set = source.train, source.test
         if args.limit_train is not None:
@@ -446,7 +468,15 @@ class _Run:
             world=ctx.world,
         )
         train = D.make_loader(self.train_set, a.batch_size, shuffle=True, seed=a.seed, **common)
-        test = D.make_loader(self.test_set, self.source.eval_batch_size, shuffle=False, seed=a.seed, **common)
+        # FSDP2 all-gathers in every forward: every rank must run every evaluation batch.
+        test = D.make_loader(
+            self.test_set,
+            self.source.eval_batch_size,
+            shuffle=False,
+            seed=a.seed,
+            lockstep=_fsdp(a),
+            **common,
+        )
         return train, test
 
     def _model(self, sparse: bool):
@@ -483,6 +513,7 @@ class _Run:
 
     def _on_best(self, trainer: Trainer, record: dict) -> None:
         if trainer.sparse:
+            model_state = trainer.model_state_dict()  # every rank: a collective under FSDP2
             _save(
                 {
                     "args": vars(self.args),
@@ -490,7 +521,7 @@ class _Run:
                     "epoch": record["epoch"],
                     "accuracy": record["accuracy"],
                     "density": record["density"],
-                    "model": trainer.model.state_dict(),
+                    "model": model_state,
                 },
                 os.path.join(self.args.out, "best.pt"),
             )
@@ -509,7 +540,7 @@ class _Run:
             "complete": complete,
         }
         if complete:
-            ckpt["dst"] = self.trainer.model.state_dict()
+            ckpt["dst"] = self.trainer.model_state_dict()
         return ckpt
 
     def elapsed(self) -> float:
@@ -569,7 +600,7 @@ class _Run:
                 last = self.trainer.run()
                 self.summary["dense"] = {k: v for k, v in last.items() if k in ("accuracy", "top5")}
                 self.summary["dense_train"] = self._speed(self.trainer)
-                self.dense_state = self.trainer.model.state_dict()
+                self.dense_state = self.trainer.model_state_dict()
                 self.phase = "dst"
                 self._make_trainer(sparse=True)
             last = self.trainer.run()
@@ -605,6 +636,7 @@ class _Run:
         self.summary["amp"] = a.amp
         self.summary["compile"] = a.compile
         self.summary["world_size"] = DIST.current().world
+        self.summary["fsdp"] = _fsdp(a)
         self.save_last(complete=True)
         if not DIST.current().main:
             return  # rank 0 writes the plots and the summary
@@ -653,7 +685,7 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
             args.device = _check_device(args.device)
         # Under torchrun: join the group (this rank's device), and let every rank check --out
         # before rank 0 writes anything in it.
-        ctx, args.device = DIST.setup(args.device)
+        ctx, args.device = DIST.setup(args.device, group=_fsdp(args))
         ctx.barrier()
         os.makedirs(args.out, exist_ok=True)
         try:

@@ -84,6 +84,10 @@ class EpochBatchSampler:
     ``shuffle``); ``start`` skips the epoch's first batches (a resumed run); ``limit`` caps
     the batches per epoch (``--limit-batches``). A trailing batch of one sample is dropped
     when training (BatchNorm cannot normalise a batch of one).
+
+    ``lockstep`` (evaluation under FSDP, where every forward is a collective): every rank yields
+    every batch. A rank whose share of the last batch is empty gets that batch's first sample
+    instead; :meth:`shares` says how many samples of each batch count (0 for that filler).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class EpochBatchSampler:
         limit: int | None = None,
         rank: int = 0,
         world: int = 1,
+        lockstep: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -103,7 +108,7 @@ class EpochBatchSampler:
             raise ValueError(f"batch_size {batch_size} is smaller than the number of processes {world}")
         self.n, self.batch_size, self.shuffle, self.seed, self.limit = n, batch_size, shuffle, seed, limit
         # Under torchrun every rank walks the same global batches and takes its contiguous share.
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.lockstep = rank, world, lockstep
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -123,7 +128,21 @@ class EpochBatchSampler:
         return min(self.batch_size, self.n - b * self.batch_size)
 
     def __len__(self) -> int:
+        if self.world > 1 and not self.lockstep:
+            return sum(1 for n in self.shares() if n)
         return max(self.batches_per_epoch() - self.start, 0)
+
+    def _share(self, b: int) -> tuple[int, int]:
+        """(first index, length) of this rank's share of batch ``b``, positions in the order."""
+        lo = b * self.batch_size
+        size = self.global_batch_size(b)
+        q, r = divmod(size, self.world)  # torch.tensor_split: the first r shares get q + 1
+        return lo + self.rank * q + min(self.rank, r), q + (1 if self.rank < r else 0)
+
+    def shares(self) -> list[int]:
+        """Samples of this rank that count in each batch it yields (from ``start``): the share
+        sizes, with 0 for a lock-step filler."""
+        return [self._share(b)[1] for b in range(self.start, self.batches_per_epoch())]
 
     def __iter__(self) -> Iterator[BatchKey]:
         if self.shuffle:
@@ -136,10 +155,13 @@ class EpochBatchSampler:
             indices = order[b * bs : (b + 1) * bs]
             seed = batch_seed(self.seed, self.epoch, b + 1)
             if self.world > 1:  # this rank's share; its own augmentation seed
-                indices = torch.tensor_split(indices, self.world)[self.rank]
+                share = torch.tensor_split(indices, self.world)[self.rank]
                 seed = batch_seed(seed, self.rank, 0)
-                if len(indices) == 0:
-                    continue  # evaluation's last batch, smaller than the world
+                if len(share) == 0:  # evaluation's last batch, smaller than the world
+                    if not self.lockstep:
+                        continue
+                    share = indices[:1]  # a filler forward: its outputs are not counted
+                indices = share
             yield BatchKey(seed, indices.tolist())
 
 
@@ -226,12 +248,20 @@ def make_loader(
     limit_batches: int | None = None,
     rank: int = 0,
     world: int = 1,
+    lockstep: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``dataset`` driven by an :class:`EpochBatchSampler`
     (``loader.batch_sampler.set_epoch(epoch, start)`` before each epoch); with ``world > 1``
-    it yields this rank's share of every global batch."""
+    it yields this rank's share of every global batch (every batch with ``lockstep``)."""
     sampler = EpochBatchSampler(
-        len(dataset), batch_size, shuffle=shuffle, seed=seed, limit=limit_batches, rank=rank, world=world
+        len(dataset),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        limit=limit_batches,
+        rank=rank,
+        world=world,
+        lockstep=lockstep,
     )
     cuda = device.type == "cuda"
     return torch.utils.data.DataLoader(

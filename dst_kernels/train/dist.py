@@ -3,7 +3,8 @@
 ``torchrun --nproc_per_node N -m dst_kernels.train ...`` (or the ``dst-train`` script) sets
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`setup` then joins the group (NCCL for CUDA,
 gloo for the CPU) and every rank trains on its share of each global batch. Outside torchrun
-nothing changes: one process, world size 1.
+nothing changes: one process, world size 1, and no process group unless ``--fsdp`` asks for one
+(FSDP2 needs a device mesh even for a single process).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "setup", "current", "teardown"]
+__all__ = ["Context", "setup", "current", "teardown", "broadcast_buffers"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,19 @@ def current() -> Context:
     return _CURRENT
 
 
-def setup(device: str) -> tuple[Context, str]:
+def setup(device: str, *, group: bool = False) -> tuple[Context, str]:
     """Join the torchrun group if there is one; returns the context and this rank's device
-    (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+    (``cuda`` becomes ``cuda:LOCAL_RANK``). ``group`` makes a process group even for a single
+    process (a world of one, in memory) when torchrun did not start one."""
     global _CURRENT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if group and not dist.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if "MASTER_ADDR" in os.environ:  # torchrun --nproc_per_node 1
+                dist.init_process_group(backend)
+            else:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         _CURRENT = Context()
         return _CURRENT, device
     rank = int(os.environ["RANK"])
@@ -74,6 +82,25 @@ def setup(device: str) -> tuple[Context, str]:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     _CURRENT = Context(rank=rank, world=world, local_rank=local_rank)
     return _CURRENT, device
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, ctx: Context) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, one collective per
+    dtype: what DDP does before each forward (``broadcast_buffers=True``). FSDP2 leaves buffers
+    alone, and every rank updates its own copy from its own share of the batch."""
+    if not ctx.distributed:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for buf in module.buffers():
+        groups.setdefault((buf.dtype, buf.device), []).append(buf)
+    for bufs in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def teardown() -> None:

@@ -13,6 +13,12 @@ Extension points for callers (``dst-train`` uses them; a density controller plug
 
 The device is read once per epoch (the loss sum, the evaluation, the density report) and, when
 a progress bar is shown, once every ``log_every`` steps for the running loss.
+
+Under torchrun the model trains under DDP, or sharded by FSDP2 with ``RunConfig.fsdp``
+(:func:`dst_kernels.distributed.fully_shard`). FSDP2 all-gathers parameters in every forward,
+so there every rank evaluates the same number of batches (lock-step), checkpoints hold the
+full state gathered on rank 0 (``torch.distributed.checkpoint.state_dict``), and BatchNorm
+buffers are broadcast from rank 0 before each training forward, as DDP does.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import dst_kernels as dst
+from dst_kernels.distributed import full
 from dst_kernels.train import dist as D
 
 __all__ = ["Interrupted", "RunConfig", "StopFlag", "Trainer", "evaluate", "train"]
@@ -54,6 +61,7 @@ class RunConfig:
     compile: str | None = None  # a torch.compile backend ("inductor"), or None
     log_every: int = 50
     topk: tuple[int, ...] = (1,)
+    fsdp: bool = False  # shard with FSDP2 (needs a process group: dist.setup(..., group=True))
 
 
 class Interrupted(Exception):
@@ -130,7 +138,7 @@ def _threshold_stats(model: nn.Module) -> tuple[dict[str, float], float]:
             if pname.startswith("threshold"):
                 weight = "weight" + pname[len("threshold") :]
                 names.append(f"{prefix}.{weight}" if prefix else weight)
-                tensors.append(p.detach().float().flatten())
+                tensors.append(full(p.detach()).float().flatten())  # FSDP2: gathered (collective)
     if not tensors:
         return {}, 0.0
     means = torch.stack([t.mean() for t in tensors] + [torch.cat(tensors).mean()]).tolist()
@@ -142,15 +150,18 @@ def evaluate(
     model: nn.Module, loader, device, *, topk=(1,), amp=None, channels_last=False, stop=None, ctx=None
 ):
     """(mean loss, {k: top-k accuracy as a fraction}) over ``loader``; under torchrun (``ctx``)
-    over every rank's share, summed across ranks."""
+    over every rank's share, summed across ranks. A lock-step sampler (FSDP2: every rank runs
+    every batch) marks filler samples, whose outputs are dropped."""
     ctx = ctx or D.Context()
     device = torch.device(device)
+    sampler = getattr(loader, "batch_sampler", None)
+    shares = sampler.shares() if getattr(sampler, "lockstep", False) else None
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros(len(topk), device=device, dtype=torch.int64)
     count = 0
     kmax = max(topk)
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
         if stop is not None and stop.requested:
             raise Interrupted
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -159,6 +170,8 @@ def evaluate(
         with _autocast(device, amp):
             out = model(x)
         out = out.float()
+        if shares is not None and shares[i] < len(y):  # a filler: the forward only keeps step
+            out, y = out[: shares[i]], y[: shares[i]]
         loss_sum += F.cross_entropy(out, y, reduction="sum")
         top = out.topk(min(kmax, out.shape[1]), dim=1).indices
         hits = top == y[:, None]
@@ -204,7 +217,11 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         forward = self.model
-        if self.ctx.distributed:  # gradients of W and t all-reduced by DDP: nothing DST-specific
+        if cfg.fsdp:  # W and t sharded alike; the reset rule runs on the shards (a pre-hook)
+            from dst_kernels.distributed import fully_shard
+
+            fully_shard(self.model)
+        elif self.ctx.distributed:  # gradients of W and t all-reduced by DDP: nothing DST-specific
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -219,7 +236,7 @@ class Trainer:
         self.stop = stop
         # Position and running sums (all in state_dict).
         self.epoch, self.batch, self.global_step = 1, 0, 0
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.seen = 0
         self.epoch_seconds = 0.0  # training time of the current epoch so far
         self.train_seconds, self.train_steps = 0.0, 0  # whole run
@@ -229,17 +246,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
+    def model_state_dict(self) -> dict:
+        """The model's state dict; under FSDP2 the full tensors, on the CPU, on rank 0 (the other
+        ranks get an empty dict). A collective then: every rank calls it."""
+        if not self.cfg.fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
+        if not self.cfg.fsdp:
+            return self.model.state_dict(), self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # The optimizer state keyed by parameter names, full tensors: loadable by any world size.
+        return get_state_dict(
+            self.model, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
     def state_dict(self) -> dict:
+        """Everything a resumed run needs (under FSDP2 a collective; full tensors on rank 0)."""
+        model_state, optimizer_state = self._model_and_optimizer_state()
+        # The epoch's running loss over every rank (a resumed rank 0 carries it alone).
+        totals = torch.stack(
+            [self.loss_sum.double(), torch.tensor(float(self.seen), device=self.device).double()]
+        )
+        loss_sum, seen = self.ctx.all_reduce_sum(totals).tolist()
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,
             "batch": self.batch,
             "global_step": self.global_step,
-            "loss_sum": self.loss_sum.detach().cpu(),
-            "seen": self.seen,
+            "loss_sum": torch.tensor(loss_sum, dtype=torch.float64),
+            "seen": int(seen),
             "epoch_seconds": self.epoch_seconds,
             "train_seconds": self.train_seconds,
             "train_steps": self.train_steps,
@@ -252,14 +296,28 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        """Restore :meth:`state_dict` (under FSDP2 every rank passes the full state)."""
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.model,
+                self.opt,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         for key in ("epoch", "batch", "global_step", "seen", "epoch_seconds", "train_seconds", "train_steps"):
             setattr(self, key, state[key])
-        self.loss_sum = state["loss_sum"].to(self.device)
+        self.loss_sum = state["loss_sum"].to(self.device, torch.float64)
+        if self.ctx.rank != 0:  # the sums are over every rank: rank 0 carries them
+            self.loss_sum, self.seen = torch.zeros_like(self.loss_sum), 0
         self.best, self.last_record, self.done = state["best"], state["last_record"], state["done"]
         if "alpha_fn" in state and hasattr(self.alpha_fn, "load_state_dict"):
             self.alpha_fn.load_state_dict(state["alpha_fn"])
@@ -274,6 +332,8 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.cfg.fsdp:
+            D.broadcast_buffers(self.model, self.ctx)  # DDP's broadcast_buffers, for FSDP2
         with _autocast(self.device, self.cfg.amp):
             out = self.forward(x)
         task = F.cross_entropy(out.float(), y)
@@ -298,7 +358,7 @@ class Trainer:
         else:
             loss.backward()
             self.opt.step()
-        self.loss_sum += task.detach() * len(y)
+        self.loss_sum += task.detach().double() * len(y)  # float64: exact whatever the ranks' split
         self.seen += len(y)
         return task
 
@@ -366,6 +426,7 @@ class Trainer:
         mean_loss = loss_sum / max(seen, 1)
         steps = self.train_loader.batch_sampler.batches_per_epoch()
         eval_started = time.perf_counter()
+        D.broadcast_buffers(self.model, self.ctx)  # every rank evaluates rank 0's model
         test_loss, acc = evaluate(
             self.model if self.ctx.distributed else self.forward,  # no DDP collectives in eval
             self.test_loader,
@@ -417,7 +478,7 @@ class Trainer:
                 self.on_best(self, record)
         self.epoch += 1
         self.batch, self.seen, self.epoch_seconds = 0, 0, 0.0
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         if self.cfg.progress is not False and self.ctx.main:
             tqdm.write(
                 f"{self.label} epoch {record['epoch']:3d}/{self.cfg.epochs}: loss {record['loss']:.4f}  "
