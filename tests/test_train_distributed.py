@@ -219,3 +219,40 @@ def test_fsdp_without_fsdp2_is_a_one_line_error(tmp_path, capsys, monkeypatch, d
     rc, err = run_cli(capsys, *ARGS, "--data-dir", data, "--out", tmp_path / "run", "--fsdp")
     assert rc == 2
     assert err.strip().count("\n") == 0 and "--fsdp needs FSDP2" in err, err
+
+
+@needs_fsdp
+def test_fsdp_checkpoint_before_the_first_step_leaves_the_optimizer_fresh():
+    """A stop agreed before a phase's first step (say, during the dense run's last evaluation)
+    checkpoints a fresh optimizer: DCP's get_state_dict would first step it with lr 0, which
+    starts Adam's step count and changes the bias correction of every later step."""
+    from dst_kernels.train import dist as DIST
+    from dst_kernels.train.loop import RunConfig, Trainer
+
+    def trainer():
+        torch.manual_seed(0)
+        model = build_model("lenet300", 10)
+        dst.sparsify(model)
+        cfg = RunConfig(epochs=1, lr=1e-3, optimizer="adam", fsdp=True)
+        return Trainer(model, None, None, cfg, label="dst", ctx=DIST.Context())
+
+    DIST.setup("cpu", group=True)
+    try:
+        first = trainer()
+        state = first.state_dict()
+        assert state["optimizer"] is None and not first.opt.state, "the optimizer was not stepped"
+        assert type(state["model"]["1.threshold"]) is torch.Tensor
+        second = trainer()
+        second.load_state_dict(state)
+        assert not second.opt.state
+        x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+        for t in (first, second):
+            torch.nn.functional.cross_entropy(t.model(x), y).backward()
+            t.opt.step()
+            t.global_step += 1
+        a, b = first.state_dict(), second.state_dict()
+        assert a["optimizer"]["state"]["1.weight"]["step"] == 1
+        for name in a["model"]:
+            assert torch.equal(a["model"][name], b["model"][name]), name
+    finally:
+        DIST.teardown()

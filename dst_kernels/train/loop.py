@@ -256,9 +256,11 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
-    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
+    def _model_and_optimizer_state(self) -> tuple[dict, dict | None]:
         if not self.cfg.fsdp:
             return self.model.state_dict(), self.opt.state_dict()
+        if self.global_step == 0:  # get_state_dict would first step the fresh optimizer (lr 0),
+            return self.model_state_dict(), None  # which starts Adam's step count: nothing to save
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         # The optimizer state keyed by parameter names, full tensors: loadable by any world size.
@@ -298,15 +300,23 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (under FSDP2 every rank passes the full state)."""
         if self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(
-                self.model,
-                self.opt,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_state_dict,
             )
+
+            options = StateDictOptions(full_state_dict=True)
+            if state["optimizer"] is None:  # saved before the first step: a fresh optimizer
+                set_model_state_dict(self.model, state["model"], options=options)
+            else:
+                set_state_dict(
+                    self.model,
+                    self.opt,
+                    model_state_dict=state["model"],
+                    optim_state_dict=state["optimizer"],
+                    options=options,
+                )
         else:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
