@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         ops = args.ops.split(",") if args.ops else None
         cases = cases_for(size, device_for(size), ops)
         for case in cases:
-            print(f"{case.op} {case.mode} {'x'.join(map(str, case.shape))} {case.dtype_name}")
+            density = f" density {case.density:g}" if case.density is not None else ""
+            print(f"{case.op} {case.mode} {'x'.join(map(str, case.shape))} {case.dtype_name}{density}")
         print(f"{len(cases)} cases at size {size!r}")
         return 0
     if args.no_run:

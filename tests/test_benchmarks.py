@@ -151,3 +151,15 @@ def test_gpu_round_dry_run(tmp_path):
     assert "-m cuda" in out and "--bench-size gpu-quick" in out
     assert "tests collected" in out and "cases at size 'gpu-quick'" in out
     assert (tmp_path / "round" / "round.log").read_text().count("gpu_round:") >= 5
+
+
+def test_list_names_every_case_with_its_density(capsys):
+    from benchmarks import run
+
+    assert run.main(["--list", "--size", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cases = lines[:-1]
+    assert lines[-1] == f"{len(cases)} cases at size 'cpu'"
+    sparse = [line for line in cases if line.startswith("sparse ")]
+    assert sparse and all(" density " in line for line in sparse)
+    assert not any(" density " in line for line in cases if not line.startswith("sparse "))

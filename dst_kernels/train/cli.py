@@ -13,6 +13,7 @@ that resumes it (exit status 128 + the signal's number).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -373,7 +374,8 @@ def _check_out(args, argv_dests: dict) -> dict | None:
             "pass --resume to continue it or --overwrite to replace it"
         )
     for f in present:
-        os.remove(os.path.join(out, f))
+        with contextlib.suppress(FileNotFoundError):  # under torchrun every rank removes them
+            os.remove(os.path.join(out, f))
     return None
 
 
