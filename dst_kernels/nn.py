@@ -109,7 +109,7 @@ class DSTLayer:
             and param is not params[name]
             and any(w == name for w, _ in self._dst_pairs)
             and not self.__dict__.get("_dst_assigning", False)
-            and not (is_dtensor(param) or is_dtensor(params[name]))  # FSDP2 swapping shards in and out
+            and not self._fsdp_swap(param, params[name])
         ):
             raise RuntimeError(
                 f"cannot assign a new Parameter to {name!r} of the DST layer {type(self).__name__}: "
@@ -119,6 +119,13 @@ class DSTLayer:
                 f"place (with torch.no_grad(): layer.dense_weight({name!r}).copy_(new))."
             )
         super().register_parameter(name, param)
+
+    def _fsdp_swap(self, new, old) -> bool:
+        """Whether this assignment may be FSDP2 swapping a sharded weight for its unsharded copy
+        (or back). FSDP2 writes ``_parameters`` directly unless the class overrides
+        ``__setattr__`` (``nn.LSTM`` does, to keep its weight list), so only such classes can
+        see the swap here; every other DST layer keeps refusing new Parameters when sharded."""
+        return type(self).__setattr__ is not nn.Module.__setattr__ and (is_dtensor(new) or is_dtensor(old))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -205,6 +205,11 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
     results["report"] = dst.sparsity_report(model).rows()
     results["density"] = [m.density() for m in model if dst.is_dst_layer(m)]
     results["threshold_is_dtensor"] = type(model[0].threshold).__name__
+    try:  # a new Parameter for a sharded masked weight is still refused
+        model[0].weight = nn.Parameter(torch.randn(13, 7, dtype=torch.float64))
+        results["guard_error"] = None
+    except RuntimeError as e:
+        results["guard_error"] = str(e)
 
     # A DSTConv2d + DSTLSTM model: FSDP2 swaps the LSTM's sharded and unsharded weights in and
     # out through the module's setattr (nn.LSTM keeps its own list of weights).
@@ -274,28 +279,36 @@ def fsdp_uneven_worker(rank: int, world: int, store: str, out: str, backend: str
     dist.destroy_process_group()
 
 
-def cli_worker(rank: int, world: int, port: int, argv: list[str], stop_at, out: str) -> None:
+def cli_worker(rank: int, world: int, store: str, argv: list[str], stop_at, out: str) -> None:
     """One rank of ``dst-train`` as torchrun starts it (its environment variables), in this
     process so that a test can ask rank 0 to stop (SIGINT) after global step ``stop_at =
-    (label, n)``; writes the exit status to ``out/rc<rank>``."""
+    (label, n)``; writes the exit status to ``out/rc<rank>``. The process group is joined
+    through a file store (``dst-train`` uses a group it finds), so no port can collide."""
     import signal
 
     from dst_kernels.train import cli
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    env = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world}
+    os.environ.update({name: str(value) for name, value in env.items()})
     torch.set_num_threads(1)
+    _init(rank, world, store)
 
     def hook(trainer):
+        if trainer.global_step == 1:  # what this rank trains: its module types and shard sizes
+            weight = next(m for m in trainer.model.modules() if isinstance(m, nn.Linear)).weight
+            local = weight.to_local() if hasattr(weight, "to_local") else weight
+            seen[trainer.label] = {
+                "root": [c.__name__ for c in type(trainer.model).__mro__],
+                "weight": type(weight).__name__,
+                "local_rows": local.shape[0],
+                "rows": weight.shape[0],
+            }
         if stop_at is not None and rank == 0 and (trainer.label, trainer.global_step) == tuple(stop_at):
             os.kill(os.getpid(), signal.SIGINT)  # the run's own handler: stop, agree, save
+
+    seen: dict = {}
 
     rc = cli.main(list(argv), on_step=hook)
     with open(os.path.join(out, f"rc{rank}"), "w") as f:
         f.write(str(rc))
+    torch.save(seen, os.path.join(out, f"seen{rank}.pt"))

@@ -114,6 +114,12 @@ def test_fsdp2_step_equals_one_process(fsdp_results):
     assert expected[first].abs().max() < 1.0, "the reset rule fired and persisted"
 
 
+def test_fsdp2_sharded_weight_still_refuses_a_new_parameter(fsdp_results):
+    _, ranks = fsdp_results
+    for result in ranks:
+        assert "cannot assign a new Parameter to 'weight'" in (result["guard_error"] or "")
+
+
 def test_fsdp2_conv_lstm_step_equals_one_process(fsdp_results):
     backend, ranks = fsdp_results
     assert _max_diff(ranks[0]["conv_lstm"], W.train_single("conv_lstm", backend, WORLD)) <= TOL

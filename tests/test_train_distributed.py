@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -115,17 +114,14 @@ def test_distributed_run_equals_one_process(data, one_process, tmp_path, mode, n
     assert dst.sparsity_report(model).density == pytest.approx(best["density"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn_cli(out, argv, stop_at=None, world: int = 2) -> list[int]:
+    import uuid
+
     import torch.multiprocessing as mp
 
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(W.cli_worker, args=(world, _free_port(), argv, stop_at, str(out)), nprocs=world, join=True)
+    store = str(out.parent / f"store-{uuid.uuid4().hex}")  # a fresh file per process group
+    mp.spawn(W.cli_worker, args=(world, store, argv, stop_at, str(out)), nprocs=world, join=True)
     return [int((out / f"rc{r}").read_text()) for r in range(world)]
 
 
@@ -174,6 +170,12 @@ def test_torchrun_run_resumes_bit_identically(data, tmp_path, resume_runs, mode,
     assert not ckpt["complete"] and ckpt["phase"] == stop_at[0]
     assert ckpt["trainer"]["global_step"] == stop_at[1] + stop_at[1] % 2, "stopped where the ranks agreed"
     assert ckpt["trainer"]["model"], "rank 0 wrote the gathered state"
+    for rank in range(2):  # what each rank trained: sharded under --fsdp, whole under DDP
+        seen = torch.load(cut / f"seen{rank}.pt", weights_only=False)[stop_at[0]]
+        sharded = mode == "fsdp"
+        assert ("FSDPModule" in seen["root"]) == sharded, seen
+        assert seen["weight"] == ("DTensor" if sharded else "Parameter"), seen
+        assert seen["local_rows"] == (seen["rows"] // 2 if sharded else seen["rows"]), seen
 
     resumed = ["--out", str(cut), "--resume", "--no-progress"]
     assert _spawn_cli(cut, resumed) == [0, 0]
@@ -256,3 +258,12 @@ def test_fsdp_checkpoint_before_the_first_step_leaves_the_optimizer_fresh():
             assert torch.equal(a["model"][name], b["model"][name]), name
     finally:
         DIST.teardown()
+
+
+@needs_fsdp
+def test_fsdp_error_before_training_leaves_no_process_group(tmp_path, capsys):
+    from test_train import run_cli
+
+    rc, err = run_cli(capsys, *ARGS, "--data-dir", tmp_path / "absent", "--out", tmp_path / "run", "--fsdp")
+    assert rc == 2 and "dst-train: error:" in err
+    assert not dist.is_initialized(), "the world-of-one group was destroyed"

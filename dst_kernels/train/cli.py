@@ -673,40 +673,45 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
 
     ``on_step(trainer)`` is called after every optimizer step (tests use it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    joined = False  # the process group is left (and destroyed) on every way out once joined
     try:
-        p = parser()
-        args = p.parse_args(argv)
-        explicit = _explicit_dests(p, args)
-        args.argv = argv
-        if not args.resume:
-            args = _resolve(args)
-        ckpt = _check_out(args, explicit)
-        if ckpt is not None:
-            args = _merge_resume_args(args, ckpt["args"], explicit)
-            args.argv = ckpt["args"].get("argv", argv)
-            args.device = _check_device(args.device)
-        # Under torchrun: join the group (this rank's device), and let every rank check --out
-        # before rank 0 writes anything in it.
-        ctx, args.device = DIST.setup(args.device, group=_fsdp(args))
-        ctx.barrier()
-        os.makedirs(args.out, exist_ok=True)
         try:
-            source = D.load_dataset(args.dataset, args)
-        except FileNotFoundError as e:
-            raise D.UsageError(str(e)) from None
-        run = _Run(args, source, on_step=on_step)
-        if ckpt is not None:
-            run.restore(ckpt)
-    except D.UsageError as e:
-        print(f"dst-train: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dst-train: interrupted while reading the data; nothing to save", file=sys.stderr)
-        return 128 + signal.SIGINT
-    try:
+            p = parser()
+            args = p.parse_args(argv)
+            explicit = _explicit_dests(p, args)
+            args.argv = argv
+            if not args.resume:
+                args = _resolve(args)
+            ckpt = _check_out(args, explicit)
+            if ckpt is not None:
+                args = _merge_resume_args(args, ckpt["args"], explicit)
+                args.argv = ckpt["args"].get("argv", argv)
+                args.device = _check_device(args.device)
+                if _fsdp(args):
+                    _check_fsdp()
+            # Under torchrun: join the group (this rank's device), and let every rank check --out
+            # before rank 0 writes anything in it.
+            joined = True
+            ctx, args.device = DIST.setup(args.device, group=_fsdp(args))
+            ctx.barrier()
+            os.makedirs(args.out, exist_ok=True)
+            try:
+                source = D.load_dataset(args.dataset, args)
+            except FileNotFoundError as e:
+                raise D.UsageError(str(e)) from None
+            run = _Run(args, source, on_step=on_step)
+            if ckpt is not None:
+                run.restore(ckpt)
+        except D.UsageError as e:
+            print(f"dst-train: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dst-train: interrupted while reading the data; nothing to save", file=sys.stderr)
+            return 128 + signal.SIGINT
         return _main_run(args, run, ckpt)
     finally:
-        DIST.teardown()
+        if joined:
+            DIST.teardown()
 
 
 def _main_run(args, run: _Run, ckpt) -> int:

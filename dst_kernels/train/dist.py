@@ -67,7 +67,9 @@ def setup(device: str, *, group: bool = False) -> tuple[Context, str]:
     if world <= 1:
         if group and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
-            if "MASTER_ADDR" in os.environ:  # torchrun --nproc_per_node 1
+            if device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(device))
+            if {"RANK", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):  # torchrun --nproc_per_node 1
                 dist.init_process_group(backend)
             else:
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -218,9 +218,14 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         forward = self.model
         if cfg.fsdp:  # W and t sharded alike; the reset rule runs on the shards (a pre-hook)
+            from torch.distributed.device_mesh import init_device_mesh
+
             from dst_kernels.distributed import fully_shard
 
-            fully_shard(self.model)
+            # The mesh on the run's device: FSDP2's default is the machine's accelerator, which
+            # would move a --device cpu model to the GPU.
+            mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
+            fully_shard(self.model, mesh=mesh)
         elif self.ctx.distributed:  # gradients of W and t all-reduced by DDP: nothing DST-specific
             from torch.nn.parallel import DistributedDataParallel
 
@@ -269,7 +274,9 @@ class Trainer:
         )
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs (under FSDP2 a collective; full tensors on rank 0)."""
+        """Everything a resumed run needs. Under torchrun a collective (every rank calls it: the
+        running loss is summed over the ranks; under FSDP2 the state is gathered too, full
+        tensors on rank 0)."""
         model_state, optimizer_state = self._model_and_optimizer_state()
         # The epoch's running loss over every rank (a resumed rank 0 carries it alone).
         totals = torch.stack(
