@@ -22,8 +22,9 @@
 #                    conv 3x3 VGG 64@32 / ResNet 64@56, 256@14 at batch 128, LSTM-b, the mask
 #                    and weight-grad ops at 4096x4096; bf16 and fp32), Triton limited to 2
 #                    configs (BENCH_TRITON_CONFIGS, default 2)
-# Compile estimate, counted on a CPU machine with --dry-run (2026-11-26): `-m cuda` selects 283
-# tests (231 of them run only on a GPU); the Triton tests that also run in the interpreter
+# Compile estimate, counted on a CPU machine with --dry-run (2026-11-26): `-m cuda` selects 286
+# tests (234 of them run only on a GPU; 3 of those start dst-train --fsdp in subprocesses, with
+# a plain CUDA run to compare against); the Triton tests that also run in the interpreter
 # ask for 54 kernel specializations (fwd 10, dx 4, dw 5, implicit-GEMM conv 23, mask 5, reset 3,
 # weight-grad 4); the GPU-only Triton tests (bf16 autocast, TF32, opcheck) add roughly 25 more:
 # about 80 compiles at 1 config, some 2-10 s of CPU each (fp32 "ieee" GEMMs are the slow ones),

@@ -50,13 +50,13 @@ def data(tmp_path_factory):
     return write_mnist(tmp_path_factory.mktemp("mnist"), n_train=250, n_test=1001)
 
 
-def _dst_train(data, out, *extra, nproc: int | None = None):
+def _dst_train(data, out, *extra, nproc: int | None = None, device: str = "cpu"):
     """``dst-train`` in a subprocess; under ``torchrun --standalone`` with ``nproc``."""
     launch = [sys.executable, "-m"]
     if nproc is not None:  # --standalone: a local rendezvous on a free port
         launch += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
     cmd = [*launch, "dst_kernels.train", *ARGS, "--data-dir", str(data), "--out", str(out)]
-    cmd += ["--device", "cpu", "--no-progress", *extra]
+    cmd += ["--device", device, "--no-progress", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -71,6 +71,18 @@ def one_process(data, tmp_path_factory):
 
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_same_run(run, one, rel: float = 1e-4) -> None:
+    got, want = json.loads((run / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
+    for phase in ("dense", "dst"):
+        assert got[phase]["accuracy"] == pytest.approx(want[phase]["accuracy"], abs=1.1e-3), phase  # 1 image
+    assert got["dst"]["density"] == pytest.approx(want["dst"]["density"], abs=2e-3)
+    metrics_got, metrics_want = _lines(run / "metrics.jsonl"), _lines(one / "metrics.jsonl")
+    assert len(metrics_got) == len(metrics_want) == 4, "one line per epoch, written once"
+    for a, b in zip(metrics_got, metrics_want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=rel)
 
 
 @pytest.mark.parametrize(
@@ -89,14 +101,7 @@ def test_distributed_run_equals_one_process(data, one_process, tmp_path, mode, n
     got, want = json.loads((run / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
     assert got["world_size"] == (nproc or 1) and want["world_size"] == 1
     assert got["fsdp"] == (mode != "ddp") and want["fsdp"] is False
-    for phase in ("dense", "dst"):
-        assert got[phase]["accuracy"] == pytest.approx(want[phase]["accuracy"], abs=1.1e-3), phase  # 1 image
-    assert got["dst"]["density"] == pytest.approx(want["dst"]["density"], abs=2e-3)
-    metrics_got, metrics_want = _lines(run / "metrics.jsonl"), _lines(one / "metrics.jsonl")
-    assert len(metrics_got) == len(metrics_want) == 4, "one line per epoch, written once"
-    for a, b in zip(metrics_got, metrics_want):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+    _assert_same_run(run, one)
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".tmp") == []
 
     # The checkpoints hold full plain tensors (under FSDP2 gathered on rank 0), as one process's.
@@ -267,3 +272,37 @@ def test_fsdp_error_before_training_leaves_no_process_group(tmp_path, capsys):
     rc, err = run_cli(capsys, *ARGS, "--data-dir", tmp_path / "absent", "--out", tmp_path / "run", "--fsdp")
     assert rc == 2 and "dst-train: error:" in err
     assert not dist.is_initialized(), "the world-of-one group was destroyed"
+
+
+on_cuda = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    needs_fsdp,
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_one_process(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-cuda") / "run"
+    proc = _dst_train(data, out, device="cuda")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize(
+    "how, nproc, device",
+    [
+        pytest.param("world-of-one", None, "cuda", marks=on_cuda),  # NCCL through an in-memory store
+        pytest.param("torchrun-1", 1, "cuda", marks=on_cuda),  # NCCL through torchrun's rendezvous
+        pytest.param("cpu-on-a-gpu-machine", 2, "cpu", marks=on_cuda),  # the mesh follows --device
+    ],
+)
+def test_fsdp_on_a_cuda_machine(data, tmp_path, request, how, nproc, device):
+    """--fsdp where CUDA exists: NCCL groups of one, and a --device cpu run whose mesh must not
+    move the model to the GPU (FSDP2's default mesh is the accelerator)."""
+    proc = _dst_train(data, tmp_path / how, "--fsdp", nproc=nproc, device=device)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = request.getfixturevalue("cuda_one_process" if device == "cuda" else "one_process")
+    _assert_same_run(tmp_path / how, ref, rel=1e-3 if device == "cuda" else 1e-4)
+    summary = json.loads((tmp_path / how / "summary.json").read_text())
+    assert summary["fsdp"] is True and summary["device"].startswith(device)
