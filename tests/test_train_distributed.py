@@ -306,3 +306,23 @@ def test_fsdp_on_a_cuda_machine(data, tmp_path, request, how, nproc, device):
     _assert_same_run(tmp_path / how, ref, rel=1e-3 if device == "cuda" else 1e-4)
     summary = json.loads((tmp_path / how / "summary.json").read_text())
     assert summary["fsdp"] is True and summary["device"].startswith(device)
+
+
+def test_world_of_one_on_cuda_names_its_device(monkeypatch):
+    """``--fsdp --device cuda`` without torchrun: NCCL needs the current device set, and
+    ``torch.cuda.set_device`` refuses a device without an index."""
+    from dst_kernels.train import dist as DIST
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    ctx, device = DIST.setup("cuda", group=True)
+    assert device == "cuda:3" and not ctx.distributed
+    assert calls == [("set_device", torch.device("cuda:3")), ("init", "nccl")]
+    calls.clear()
+    assert DIST.setup("cuda:1", group=True)[1] == "cuda:1"
+    assert calls == [("set_device", torch.device("cuda:1")), ("init", "nccl")]

@@ -68,7 +68,9 @@ def setup(device: str, *, group: bool = False) -> tuple[Context, str]:
         if group and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
             if device.startswith("cuda"):
-                torch.cuda.set_device(torch.device(device))
+                index = torch.device(device).index
+                device = f"cuda:{torch.cuda.current_device() if index is None else index}"
+                torch.cuda.set_device(torch.device(device))  # NCCL's device (needs an index)
             if {"RANK", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):  # torchrun --nproc_per_node 1
                 dist.init_process_group(backend)
             else:
