@@ -132,17 +132,16 @@ class EpochBatchSampler:
             return sum(1 for n in self.shares() if n)
         return max(self.batches_per_epoch() - self.start, 0)
 
-    def _share(self, b: int) -> tuple[int, int]:
-        """(first index, length) of this rank's share of batch ``b``, positions in the order."""
-        lo = b * self.batch_size
-        size = self.global_batch_size(b)
-        q, r = divmod(size, self.world)  # torch.tensor_split: the first r shares get q + 1
-        return lo + self.rank * q + min(self.rank, r), q + (1 if self.rank < r else 0)
+    def _share_size(self, b: int) -> int:
+        """Samples of this rank in batch ``b`` (``torch.tensor_split``: the first ``r`` ranks
+        get one more)."""
+        q, r = divmod(self.global_batch_size(b), self.world)
+        return q + (1 if self.rank < r else 0)
 
     def shares(self) -> list[int]:
         """Samples of this rank that count in each batch it yields (from ``start``): the share
         sizes, with 0 for a lock-step filler."""
-        return [self._share(b)[1] for b in range(self.start, self.batches_per_epoch())]
+        return [self._share_size(b) for b in range(self.start, self.batches_per_epoch())]
 
     def __iter__(self) -> Iterator[BatchKey]:
         if self.shuffle:
