@@ -5,6 +5,7 @@ and saves what the parent compares with one process training on the whole batch.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 
 import torch
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dst_kernels as dst
+
+faulthandler.enable(all_threads=True)  # a worker that aborts prints where (pytest only covers itself)
 
 ALPHA = 1e-2
 STEPS = 4
@@ -117,6 +120,15 @@ def train_single(kind: str, backend: str, world: int, micro: int = 1) -> dict:
         opt.step()
         opt.zero_grad()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fsdp_available() -> bool:
+    """Whether this torch has FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _init(rank: int, world: int, store: str) -> None:

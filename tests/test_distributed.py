@@ -86,19 +86,11 @@ def test_ddp_ranks_agree_with_different_local_batches(ddp_results):
 # ----------------------------------------------------------------------------- FSDP2
 
 
-def _fsdp_available() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(
     scope="module", params=[b for b in ("reference", "native") if b in dst.available_backends("cpu")]
 )
 def fsdp_results(request, tmp_path_factory):
-    if not _fsdp_available():
+    if not W.fsdp_available():
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     backend = request.param
     return backend, _spawn(W.fsdp_worker, tmp_path_factory.mktemp(f"fsdp-{backend}"), backend)
@@ -173,7 +165,7 @@ def test_fsdp2_without_reset_hooks_is_an_error(fsdp_results):
 def test_fsdp2_with_a_rank_that_holds_no_rows(tmp_path):
     """3 ranks, a head of 2 rows: FSDP2 leaves rank 2 an empty shard; the reset rule still counts
     over all rows and the step equals one process."""
-    if not _fsdp_available():
+    if not W.fsdp_available():
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     import torch.multiprocessing as mp
 

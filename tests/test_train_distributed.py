@@ -34,15 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--dataset", "mnist", "--model", "lenet300", "--epochs", "2", "--batch-size", "64", "--alpha", "5e-3"]
 
 
-def _fsdp_available() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_fsdp = pytest.mark.skipif(not _fsdp_available(), reason="this torch has no FSDP2 (fully_shard)")
+needs_fsdp = pytest.mark.skipif(not W.fsdp_available(), reason="this torch has no FSDP2 (fully_shard)")
 
 
 @pytest.fixture(scope="module")

@@ -278,11 +278,7 @@ class Trainer:
         running loss is summed over the ranks; under FSDP2 the state is gathered too, full
         tensors on rank 0)."""
         model_state, optimizer_state = self._model_and_optimizer_state()
-        # The epoch's running loss over every rank (a resumed rank 0 carries it alone).
-        totals = torch.stack(
-            [self.loss_sum.double(), torch.tensor(float(self.seen), device=self.device).double()]
-        )
-        loss_sum, seen = self.ctx.all_reduce_sum(totals).tolist()
+        loss_sum, seen = self._running_totals()  # over every rank: a resumed rank 0 carries them
         state = {
             "model": model_state,
             "optimizer": optimizer_state,
@@ -434,12 +430,16 @@ class Trainer:
             self.train_seconds += elapsed
         self._check_stop(force=True)
 
+    def _running_totals(self) -> tuple[float, float]:
+        """The epoch's running loss sum and sample count over every rank (one collective under
+        torchrun, one host read: it waits for the last step)."""
+        totals = torch.stack([self.loss_sum, torch.tensor(float(self.seen), device=self.device).double()])
+        loss_sum, seen = self.ctx.all_reduce_sum(totals).tolist()
+        return loss_sum, seen
+
     def _finish_epoch(self) -> dict:
         lr = self.opt.param_groups[0]["lr"]
-        totals = torch.stack(
-            [self.loss_sum.double(), torch.tensor(float(self.seen), device=self.device).double()]
-        )
-        loss_sum, seen = self.ctx.all_reduce_sum(totals).tolist()  # waits for the epoch's last step
+        loss_sum, seen = self._running_totals()
         mean_loss = loss_sum / max(seen, 1)
         steps = self.train_loader.batch_sampler.batches_per_epoch()
         eval_started = time.perf_counter()
