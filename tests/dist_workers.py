@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import os
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dst_kernels as dst
+from dst_kernels.train import dist as DIST
 
 faulthandler.enable(all_threads=True)  # a worker that aborts prints where (pytest only covers itself)
 
@@ -135,6 +137,39 @@ def _init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
+def gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux: /proc; elsewhere none are seen)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if "gloo" in n]
+
+
+def in_group(body):
+    """A spawned worker ``body(rank, world, *args)`` inside a gloo group joined through the file
+    ``store``. Once ``body`` has returned (its models and meshes gone), the group is left and
+    freed, and no gloo thread may be left: one alive while the interpreter finalises can abort
+    the worker ("terminate called without an active exception")."""
+
+    @functools.wraps(body)
+    def worker(rank: int, world: int, store: str, *args) -> None:
+        _init(rank, world, store)
+        body(rank, world, *args)
+        DIST.teardown()
+        left = gloo_threads()
+        assert not left, f"gloo threads still running after the group was freed: {left}"
+
+    return worker
+
+
 def _ddp_run(rank, world, kind, backend, micro=1, find_unused=False, perturb=False, static=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -158,9 +193,9 @@ def _ddp_run(rank, world, kind, backend, micro=1, find_unused=False, perturb=Fal
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, thresholds
 
 
-def ddp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
+@in_group
+def ddp_worker(rank: int, world: int, out: str, backend: str) -> None:
     """Every DDP scenario for one backend, in one process group."""
-    _init(rank, world, store)
     results = {}
     for name, kwargs in [
         ("mlp", dict(kind="mlp")),
@@ -173,7 +208,6 @@ def ddp_worker(rank: int, world: int, store: str, out: str, backend: str) -> Non
     ]:
         results[name] = _ddp_run(rank, world, backend=backend, **kwargs)
     torch.save(results, os.path.join(out, f"ddp-{backend}-rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def _fit_local(model, kind: str, world: int, rank: int, dtype=None) -> list[torch.Tensor]:
@@ -192,7 +226,8 @@ def _fit_local(model, kind: str, world: int, rank: int, dtype=None) -> list[torc
     return losses
 
 
-def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
+@in_group
+def fsdp_worker(rank: int, world: int, out: str, backend: str) -> None:
     """FSDP2 over DST layers against the single-process step; then the report, a full state
     dict (gathered, saved, loaded into a fresh sharded model), mixed precision, and the error
     for sharded thresholds without the reset hook."""
@@ -206,7 +241,6 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
 
     from dst_kernels.distributed import fully_shard
 
-    _init(rank, world, store)
     full_sd = StateDictOptions(full_state_dict=True, cpu_offload=True)
     results = {}
     model = fully_shard(build_model("mlp", backend).train())
@@ -269,16 +303,15 @@ def fsdp_worker(rank: int, world: int, store: str, out: str, backend: str) -> No
     except RuntimeError as e:
         results["unhooked_error"] = str(e)
     torch.save(results, os.path.join(out, f"fsdp-{backend}-rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
-def fsdp_uneven_worker(rank: int, world: int, store: str, out: str, backend: str) -> None:
+@in_group
+def fsdp_uneven_worker(rank: int, world: int, out: str, backend: str) -> None:
     """FSDP2 where a rank holds no rows of the head (2 rows over 3 ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dst_kernels.distributed import fully_shard
 
-    _init(rank, world, store)
     model = fully_shard(build_model("narrow_head", backend).train())
     with torch.no_grad():  # the head keeps nothing: its reset fires with an empty shard on rank 2
         model[2].threshold.to_local().fill_(10.0)
@@ -288,10 +321,10 @@ def fsdp_uneven_worker(rank: int, world: int, store: str, out: str, backend: str
         {k: v.detach().clone() for k, v in state.items()},
         os.path.join(out, f"uneven-{backend}-rank{rank}.pt"),
     )
-    dist.destroy_process_group()
 
 
-def cli_worker(rank: int, world: int, store: str, argv: list[str], stop_at, out: str) -> None:
+@in_group
+def cli_worker(rank: int, world: int, argv: list[str], stop_at, out: str) -> None:
     """One rank of ``dst-train`` as torchrun starts it (its environment variables), in this
     process so that a test can ask rank 0 to stop (SIGINT) after global step ``stop_at =
     (label, n)``; writes the exit status to ``out/rc<rank>``. The process group is joined
@@ -303,7 +336,6 @@ def cli_worker(rank: int, world: int, store: str, argv: list[str], stop_at, out:
     env = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world}
     os.environ.update({name: str(value) for name, value in env.items()})
     torch.set_num_threads(1)
-    _init(rank, world, store)
 
     def hook(trainer):
         if trainer.global_step == 1:  # what this rank trains: its module types and shard sizes

@@ -235,8 +235,7 @@ def test_fsdp_checkpoint_before_the_first_step_leaves_the_optimizer_fresh():
         cfg = RunConfig(epochs=1, lr=1e-3, optimizer="adam", fsdp=True)
         return Trainer(model, None, None, cfg, label="dst", ctx=DIST.Context())
 
-    DIST.setup("cpu", group=True)
-    try:
+    def check():
         first = trainer()
         state = first.state_dict()
         assert state["optimizer"] is None and not first.opt.state, "the optimizer was not stepped"
@@ -253,8 +252,13 @@ def test_fsdp_checkpoint_before_the_first_step_leaves_the_optimizer_fresh():
         assert a["optimizer"]["state"]["1.weight"]["step"] == 1
         for name in a["model"]:
             assert torch.equal(a["model"][name], b["model"][name]), name
+
+    DIST.setup("cpu", group=True)
+    try:
+        check()
     finally:
         DIST.teardown()
+    assert not W.gloo_threads(), "the group was freed: its gloo threads are joined"
 
 
 @needs_fsdp

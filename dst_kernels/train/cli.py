@@ -674,6 +674,8 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
     ``on_step(trainer)`` is called after every optimizer step (tests use it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     joined = False  # the process group is left (and destroyed) on every way out once joined
+    agreed = False  # every rank ended the run together: the group is freed as well
+    run = None
     try:
         try:
             p = parser()
@@ -708,10 +710,13 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
         except KeyboardInterrupt:
             print("dst-train: interrupted while reading the data; nothing to save", file=sys.stderr)
             return 128 + signal.SIGINT
-        return _main_run(args, run, ckpt)
+        rc = _main_run(args, run, ckpt)
+        agreed = rc != 2  # finished, or stopped where the ranks agreed (not a rank's own error)
+        return rc
     finally:
+        run = None  # the model and its mesh go before the group
         if joined:
-            DIST.teardown()
+            DIST.teardown(release=agreed)
 
 
 def _main_run(args, run: _Run, ckpt) -> int:

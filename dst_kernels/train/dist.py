@@ -9,11 +9,18 @@ nothing changes: one process, world size 1, and no process group unless ``--fsdp
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():
+    # Imported before any group exists: its functions take ``group=group.WORLD`` as a default,
+    # and imported later (torch._dynamo imports it) they would hold that group for good.
+    import torch.distributed.nn.functional  # noqa: F401
 
 __all__ = ["Context", "setup", "current", "teardown", "broadcast_buffers"]
 
@@ -107,8 +114,32 @@ def broadcast_buffers(module: torch.nn.Module, ctx: Context) -> None:
             offset += b.numel()
 
 
-def teardown() -> None:
+def teardown(*, release: bool = True) -> None:
+    """Leave the process group. ``release`` (every rank is done with its collectives) also frees
+    it at once, which joins gloo's worker threads; pass False on a way out that may leave a
+    collective in flight (freeing would wait for it).
+
+    A group still alive when the interpreter finalises can abort the process on its way out
+    ("terminate called without an active exception"): a gloo worker that drops the last
+    reference to a finished collective's tensor needs the GIL, and a finalising interpreter ends
+    any thread that asks for it. Destroying the group does not free it while a device mesh holds
+    it, and DTensor's caches keep the meshes of a model sharded with FSDP2."""
     global _CURRENT
     if dist.is_initialized():
         dist.destroy_process_group()
+        if release:
+            _forget_groups()
     _CURRENT = Context()
+
+
+def _forget_groups() -> None:
+    """Drop the device meshes' references to the (destroyed) process groups, then collect."""
+    mesh_module = sys.modules.get("torch.distributed.device_mesh")
+    mesh_type = getattr(mesh_module, "DeviceMesh", None)
+    if isinstance(mesh_type, type):
+        for obj in gc.get_objects():
+            # type(obj).__mro__, not isinstance: no __class__ lookup on arbitrary objects
+            registry = getattr(obj, "_pg_registry", None) if mesh_type in type(obj).__mro__ else None
+            if isinstance(registry, dict):
+                registry.clear()
+    gc.collect()
