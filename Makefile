@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel ruff clang-format
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all demo test lint format bench cuda-check cmake-check clean distclean
+.PHONY: all demo test test-perturbed lint format bench cuda-check cmake-check clean distclean
 
 all: test
 
@@ -47,6 +47,16 @@ demo: $(VENV)/.built
 # pytest's exit 5 (nothing collected) counts as a failure.
 test: $(VENV)/.built
 	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The suite again under other numerics: ATen's non-vectorised kernels (other summation
+# orders), one thread, and the project's CPU kernels on their portable (non-AVX) build. What
+# the tests assert must hold for every summation order, so both runs must pass.
+PERTURBED_ENV := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 DST_KERNELS_CPU_ISA=portable
+test-perturbed: $(VENV)/.built
+	@env $(PERTURBED_ENV) $(PY) -c "from dst_kernels import _ops; isa = _ops.cpu_isa(); \
+	assert isa in (None, 'portable'), isa; print('make: CPU kernels', isa, '- ATen', __import__('torch').backends.cpu.get_cpu_capability())"
+	@env $(PERTURBED_ENV) $(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 CXX_SOURCES = $(shell git ls-files 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.h' 'csrc/*.cuh' 2>/dev/null)

@@ -20,7 +20,8 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check --no-deps mlxtend
 # dst-train's ImageNet path (the `train` extra) is tested here: torchvision does not import next
 # to the CPU torch wheel of .venv, but 0.29.1 does next to this torch (both from local files).
-"$venv/bin/pip" install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 pillow
+# sparsify is tested on torchvision's and timm's models here too (tests/test_sparsify_models.py).
+"$venv/bin/pip" install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pillow
 "$venv/bin/python" -c "import torchvision; print('cuda-check: torchvision', torchvision.__version__)"
 "$venv/bin/python" -c "import torch; assert torch.version.cuda, 'torch is not a CUDA build'; \
 print('cuda-check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
@@ -50,5 +51,10 @@ PY
 # The torchvision tests of dst-train must have run here, not been skipped.
 if grep -q "torchvision does not import here" "$work/pytest.log"; then
   echo "cuda-check: the torchvision tests of dst-train were skipped" >&2
+  exit 1
+fi
+# ... nor the torchvision / timm models of sparsify.
+if grep -E "SKIPPED.*test_sparsify_models.py.*(torchvision|timm)" "$work/pytest.log"; then
+  echo "cuda-check: the torchvision / timm tests of sparsify were skipped" >&2
   exit 1
 fi

@@ -1,12 +1,15 @@
 """Run the benchmark cases and write ``results.json``, ``report.md`` and a chart.
 
-    python -m benchmarks.run --size cpu [--ops linear] [--out bench-results]
+    python -m benchmarks.run --size cpu [--ops linear] [--runs 3] [--out bench-results]
     python -m benchmarks.run --compare OLD.json [--out bench-results]
 
 ``--size`` picks the case list (``benchmarks/cases.py``): ``smoke``, ``cpu``,
-``cpu-full``, ``gpu-quick`` or ``gpu``. With
-``--compare``, every ours/dense ratio that got more than 10 % worse than in
-OLD.json is listed and the exit status is 1.
+``cpu-full``, ``gpu-quick`` or ``gpu``. ``--runs N`` measures the whole list N times, one
+run after the other; the report gives each ratio's median over the runs and its min-max
+(a figure holds "on every run" when its worst run meets it). ``results.json`` records the
+machine: CPU model and ISA flags, threads, the load average before and after each run,
+and the instruction set of the project's CPU kernels. With ``--compare``, every ours/dense
+ratio that got more than 10 % worse than in OLD.json is listed and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -40,12 +43,47 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def write_results(records: list[dict], out: str, device: str) -> dict:
+# The CPU flags that decide which kernels run (ATen's, oneDNN's and the project's).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine() -> dict:
+    """CPU model, its ISA flags, core and thread counts, and the kernels' instruction sets."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    from dst_kernels import _ops
+
+    return {
+        "cpu": model,
+        "isa_flags": [f for f in _ISA_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "dst_cpu_isa": _ops.cpu_isa(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def write_results(records: list[dict], out: str, device: str, runs: list[dict] | None = None) -> dict:
     """``results.json`` (the suite's schema), ``report.md`` and ``ratios.png`` in ``out``."""
     results = {
         "device": _device_name(device),
         "torch": torch.__version__,
         "commit": _commit(),
+        "machine": machine(),
+        "runs": runs or [],
         "records": records,
     }
     os.makedirs(out, exist_ok=True)
@@ -62,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=None, help="comma-separated op families (default: all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--runs", type=int, default=1, help="measure the whole case list this many times")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--compare", default=None, metavar="OLD.json", help="flag ratios >10%% worse than OLD")
     p.add_argument(
@@ -88,15 +127,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ops = args.ops.split(",") if args.ops else None
     rounds = args.rounds or (3 if size == "smoke" else 9)
-    records = []
-    for case in cases_for(size, device, ops):
-        impls = available_impls(case)
-        print(
-            f"bench: {case.op} {case.mode} {tuple(case.shape)} {case.dtype_name} on {device}: {impls}",
-            flush=True,
-        )
-        records += measure(case, impls, rounds=rounds, inner=1 if size == "smoke" else None)
-    results = write_results(records, args.out, device)
+    if args.runs < 1:
+        p.error("--runs must be >= 1")
+    records, runs = [], []
+    for run in range(args.runs):
+        load_before = round(os.getloadavg()[0], 2)
+        for case in cases_for(size, device, ops):
+            impls = available_impls(case)
+            print(
+                f"bench: run {run + 1}/{args.runs}: {case.op} {case.mode} {tuple(case.shape)} "
+                f"{case.dtype_name} on {device}: {impls}",
+                flush=True,
+            )
+            for r in measure(case, impls, rounds=rounds, inner=1 if size == "smoke" else None):
+                records.append({**r, "run": run})
+        runs.append({"run": run, "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)})
+    results = write_results(records, args.out, device, runs)
     print(open(os.path.join(args.out, "report.md")).read())
     if args.compare:
         return _report_compare(args.compare, results)

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "dst/cpu_isa.h"
 #include "dst/sparse.h"
 
 #if __has_include("dst/build_config.h")
@@ -41,6 +42,9 @@ std::string build_info() {
 
 TORCH_LIBRARY(dst_kernels, m) {
   m.def("build_info() -> str", &dst::build_info);
+  // The instruction set of the CPU row kernels: "avx512", "avx2" or "portable" (the
+  // best the CPU runs, capped by DST_KERNELS_CPU_ISA; csrc/include/dst/cpu_isa.h).
+  m.def("cpu_isa() -> str", &dst::cpu::isa_name);
   // H(x) elementwise: the long-tailed estimator of SPEC section 1.
   m.def("estimator(Tensor x) -> Tensor");
   // One pass: P = W * (|W| > t[row]) and the kept count; with min_density set, the

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-__all__ = ["BUILD_HINT", "LOAD_ERROR", "build_info", "has_op", "loaded"]
+__all__ = ["BUILD_HINT", "CPU_ISA_CHOICES", "LOAD_ERROR", "build_info", "cpu_isa", "has_op", "loaded"]
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the dst_kernels source tree "
@@ -21,6 +21,13 @@ BUILD_HINT = (
 
 LOAD_ERROR: str | None = None
 _loaded = False
+
+# DST_KERNELS_CPU_ISA caps the instruction set of the CPU row kernels (csrc/include/dst/cpu_isa.h):
+# "portable" runs the baseline x86-64 build that a machine without AVX2 runs.
+CPU_ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
+_isa = os.environ.get("DST_KERNELS_CPU_ISA", "")
+if _isa and _isa not in CPU_ISA_CHOICES:
+    raise ValueError(f"DST_KERNELS_CPU_ISA must be one of {', '.join(CPU_ISA_CHOICES)}; got {_isa!r}")
 
 try:
     from dst_kernels import _C  # noqa: F401  (registers torch.ops.dst_kernels.*)
@@ -54,6 +61,15 @@ def build_info() -> dict[str, str] | None:
         return None
     items = torch.ops.dst_kernels.build_info().split(";")
     return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels of ``_C`` run with: ``"avx512"``, ``"avx2"`` or
+    ``"portable"`` (the best the CPU supports, capped by ``DST_KERNELS_CPU_ISA``), or None
+    when ``_C`` is not loaded (or predates the switch)."""
+    if not has_op("cpu_isa"):
+        return None
+    return torch.ops.dst_kernels.cpu_isa()
 
 
 def _check_build_matches() -> None:

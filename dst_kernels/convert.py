@@ -19,6 +19,18 @@ hooks, train/eval mode, device and dtype. Two mechanisms, one mask:
   module's own ``forward`` runs, and so does any code that reads ``module.weight``
   (``nn.MultiheadAttention`` reading ``out_proj.weight``).
 
+Who reads a masked weight gets ``W * M``. A masked-attribute module's weight always reads
+as ``W * M`` (its Parameter is ``dense_weight(name)``). A fused layer's own forward reads
+its Parameters directly; any other forward that reads its weight (a parent passing
+``self.qkv.weight`` to a function, as torchvision's Swin attention does) gets ``W * M``
+with the estimator's gradient: ``sparsify`` hooks every module above a fused layer
+(``dst_kernels.nn.watch_outside_reads``), and while one of their forwards runs,
+``layer.weight`` is the masked weight. Outside a forward ``layer.weight`` is the
+Parameter itself, for what users do with it (initialisation, ``.data``, ``.grad``,
+optimisers, state dicts). Code that reads a weight outside any forward of the model
+(a function called on ``model.qkv.weight`` directly) gets the Parameter: use
+``layer.masks()`` or ``dst.export.fold`` there.
+
 Layers it cannot mask exactly are left dense and named in the summary with the
 reason (:func:`plan_sparsify` gives it as data; ``sparsify`` logs it once).
 """
@@ -44,6 +56,7 @@ from dst_kernels.nn import (
     DSTLinear,
     is_dst_layer,
     masked_along,
+    watch_outside_reads,
 )
 
 __all__ = [
@@ -437,7 +450,7 @@ def _convert(item: _Item, min_density, backend) -> None:
         if isinstance(module, DSTLSTM | DSTGRU):
             module._init_rnn_thresholds()
         else:
-            module.register_parameter("threshold", module._new_threshold(module.weight))
+            module.register_parameter("threshold", module._new_threshold(module._parameters["weight"]))
     else:
         spec = tuple((w, _threshold_name(w), axis) for w, axis in item.weights.items())
         raw = {w: module._parameters[w] for w in item.weights}
@@ -445,6 +458,26 @@ def _convert(item: _Item, min_density, backend) -> None:
         module._init_dst(min_density, backend)
         for w, t, axis in spec:
             module.register_parameter(t, module._new_threshold(raw[w], axis))
+
+
+# Containers whose own forward reads no weight (ModuleList / ModuleDict have none).
+_NO_READS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _watch_ancestors(model: nn.Module) -> None:
+    """Hook every module that holds a fused DST layer below it, so that what its forward reads
+    of that layer's weight (``F.linear(x, self.qkv.weight)``, torchvision's Swin attention) is
+    ``W * M``: see ``dst_kernels.nn.watch_outside_reads``."""
+    fused = [
+        name
+        for name, m in model.named_modules(remove_duplicate=False)
+        if is_dst_layer(m) and not isinstance(m, DSTMaskedModule)
+    ]
+    ancestors = {".".join(name.split(".")[:i]) for name in fused if name for i in range(name.count(".") + 1)}
+    for name in sorted(ancestors):
+        module = model.get_submodule(name)
+        if type(module) not in _NO_READS:
+            watch_outside_reads(module)
 
 
 def sparsify(
@@ -475,6 +508,7 @@ def sparsify(
     todo, summary = _plan(model, include, exclude, min_density, backend, include_frozen)
     for item in todo:
         _convert(item, min_density, backend)
+    _watch_ancestors(model)
     logger.info("%s", summary)
     odd = summary.warnings()
     if not summary.converted:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dst_kernels.compact import compact
-from dst_kernels.nn import is_dst_layer
+from dst_kernels.nn import is_dst_layer, unwatch_outside_reads
 from dst_kernels.sparse import SparseLinear, load_sparse, save_sparse, to_sparse
 
 __all__ = ["compact", "fold", "dense_state_dict", "to_sparse", "save_sparse", "load_sparse", "SparseLinear"]
@@ -31,6 +31,7 @@ def fold(model: nn.Module) -> nn.Module:
     for module in list(folded.modules()):
         if is_dst_layer(module):
             module._dst_unmask_()
+        unwatch_outside_reads(module)  # sparsify's hooks: the copy has no DST layer left
     return folded
 
 

@@ -62,6 +62,17 @@ class DSTLayer:
         """The Parameter ``W`` behind a masked weight (unmasked; what the optimiser updates)."""
         return self._parameters[name]
 
+    def _masked_read(self, name: str) -> torch.Tensor:
+        """``W * M`` for the masked weight ``name`` (fused mask op, estimator backward)."""
+        t_name = dict(self._dst_pairs)[name]
+        return masked_along(
+            self._parameters[name],
+            self._parameters[t_name],
+            self._dst_axes.get(name, 0),
+            self.backend,
+            self._reset_bound(),
+        )
+
     def _reset_bound(self) -> float | None:
         """``min_density`` in training mode (the reset rule applies), else None. Under FSDP2 with
         the reset hooks (``dst_kernels.distributed``) the rule already ran on the sharded
@@ -239,6 +250,76 @@ def _mask_along(weight: torch.Tensor, threshold: torch.Tensor, axis: int) -> tor
     return m.movedim(0, axis) if axis else m
 
 
+# ----------------------------------------------------------------------------- reads from outside
+
+
+class _OutsideReads:
+    """How many forwards are running in modules that may read a fused DST layer's weight from
+    outside that layer's own forward (a parent passing ``self.qkv.weight`` to a function, as
+    torchvision's Swin attention does). ``sparsify`` hooks every such module (the ancestors of
+    the layers it fuses); while one of them runs, a fused layer's masked weights read as
+    attributes are ``W * M``. The fused forwards read ``_parameters`` directly."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+_OUTSIDE_READS = _OutsideReads()
+
+
+def _enter_outside_reads(module, args) -> None:
+    _OUTSIDE_READS.depth += 1
+
+
+def _leave_outside_reads(module, args, output) -> None:
+    _OUTSIDE_READS.depth -= 1
+
+
+def _watches_outside_reads(module: nn.Module) -> bool:
+    return any(h is _enter_outside_reads for h in module._forward_pre_hooks.values())
+
+
+def watch_outside_reads(module: nn.Module) -> None:
+    """While ``module``'s forward runs, every fused DST layer's masked weight read as an
+    attribute (``layer.weight``) is ``W * M`` with the estimator's gradient. ``sparsify``
+    calls it on the ancestors of the layers it fuses; call it on a module of your own that
+    reads the weight of a DST layer it holds (idempotent)."""
+    if not _watches_outside_reads(module):
+        module.register_forward_pre_hook(_enter_outside_reads)
+        module.register_forward_hook(_leave_outside_reads, always_call=True)
+
+
+def unwatch_outside_reads(module: nn.Module) -> None:
+    """Remove the hooks of :func:`watch_outside_reads` (``fold`` does, on its copy)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if hook is _enter_outside_reads or hook is _leave_outside_reads:
+                del hooks[key]
+        if hooks is module._forward_hooks:
+            for key in [k for k in module._forward_hooks_always_called if k not in hooks]:
+                del module._forward_hooks_always_called[key]
+
+
+def _outside_read_attribute(name: str) -> property:
+    """A fused layer's masked weight as an attribute: the Parameter itself (initialisation,
+    optimisers, ``.data``, ``.grad``), but ``W * M`` while a watched forward runs."""
+
+    def fget(self):
+        try:
+            param = self._parameters[name]
+        except KeyError:  # before nn.Module.__init__ registered it: not an attribute yet
+            raise AttributeError(name) from None
+        if _OUTSIDE_READS.depth and param is not None:
+            return self._masked_read(name)
+        return param
+
+    return property(
+        fget,
+        doc=f"The Parameter {name!r}; inside a forward that sparsify watches, W * M "
+        f"(see dst_kernels.nn.watch_outside_reads).",
+    )
+
+
 def masked_along(weight, threshold, axis: int, backend: str, min_density) -> torch.Tensor:
     """``W * M`` with one threshold per index of ``axis`` (the output axis), through the fused op."""
     p = DF.masked_weight(_as_rows(weight, axis), threshold, backend=backend, min_density=min_density)
@@ -258,6 +339,7 @@ class DSTLinear(DSTLayer, nn.Linear):
     """``nn.Linear`` with a trainable per-output-row threshold (SPEC section 3)."""
 
     _dst_base = nn.Linear
+    weight = _outside_read_attribute("weight")
 
     def __init__(
         self,
@@ -272,17 +354,18 @@ class DSTLinear(DSTLayer, nn.Linear):
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_dst(min_density, backend)
-        self.threshold = self._new_threshold(self.weight)
+        self.threshold = self._new_threshold(self._parameters["weight"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0:  # an empty batch: the shape of nn.Linear's answer (the ops reject empty x)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self._parameters["weight"]
+        if input.numel() == 0:  # an empty batch: nn.Linear's answer's shape (the ops reject empty x)
             p = DF.masked_weight(
-                self.weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
+                weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
             )
-            return F.linear(x, p, self.bias)
+            return F.linear(input, p, self.bias)
         return DF.dst_linear(
-            x,
-            self.weight,
+            input,
+            weight,
             self.threshold,
             self.bias,
             backend=self.backend,
@@ -311,6 +394,7 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
     """``nn.Conv2d`` with a trainable threshold per output channel (SPEC section 3)."""
 
     _dst_base = nn.Conv2d
+    weight = _outside_read_attribute("weight")
 
     def __init__(
         self,
@@ -343,21 +427,21 @@ class DSTConv2d(DSTLayer, nn.Conv2d):
             dtype=dtype,
         )
         self._init_dst(min_density, backend)
-        self.threshold = self._new_threshold(self.weight)
+        self.threshold = self._new_threshold(self._parameters["weight"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x, weight, padding = input, self._parameters["weight"], self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        if x.numel() == 0:  # an empty batch: the shape of nn.Conv2d's answer (the ops reject empty x)
+        if x.numel() == 0:  # an empty batch: nn.Conv2d's answer's shape (the ops reject empty x)
             p = DF.masked_weight(
-                self.weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
+                weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
             )
             return F.conv2d(x, p, self.bias, self.stride, padding, self.dilation, self.groups)
         return DF.dst_conv2d(
             x,
-            self.weight,
+            weight,
             self.threshold,
             self.bias,
             self.stride,
@@ -411,17 +495,31 @@ class _DSTRNN(DSTLayer):
         for w_name in self._flat_weights_names:  # nn.RNNBase's order: per layer and direction
             if w_name.startswith("weight_"):
                 t_name = "threshold_" + w_name.removeprefix("weight_")
-                self.register_parameter(t_name, self._new_threshold(getattr(self, w_name)))
+                self.register_parameter(t_name, self._new_threshold(self._parameters[w_name]))
                 pairs.append((w_name, t_name))
         self._dst_pairs = tuple(pairs)
 
+    def __getattr__(self, name: str):
+        # nn.RNNBase keeps its weights in _parameters only: a read from outside the fused forward
+        # (see _OutsideReads) gets W * M while a watched forward runs, the Parameter otherwise.
+        if _OUTSIDE_READS.depth and any(w == name for w, _ in self.__dict__.get("_dst_pairs", ())):
+            return self._masked_read(name)
+        return super().__getattr__(name)
+
     def forward(self, input, hx=None):
         bound = self._reset_bound()
-        masked = {
-            w: DF.masked_weight(getattr(self, w), getattr(self, t), backend=self.backend, min_density=bound)
-            for w, t in self._dst_pairs
-        }
-        self._update_flat_weights()
+        # The layer's own forward: its attributes are its Parameters (as FSDP2 has set them).
+        outer, _OUTSIDE_READS.depth = _OUTSIDE_READS.depth, 0
+        try:
+            masked = {
+                w: DF.masked_weight(
+                    getattr(self, w), getattr(self, t), backend=self.backend, min_density=bound
+                )
+                for w, t in self._dst_pairs
+            }
+            self._update_flat_weights()
+        finally:
+            _OUTSIDE_READS.depth = outer
         dense = self._flat_weights
         self._flat_weights = [masked.get(name, param) for name, param in zip(self._flat_weights_names, dense)]
         try:

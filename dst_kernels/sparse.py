@@ -165,13 +165,15 @@ class SparseLinear(nn.Module):
         out[rows, self.col_indices.long()] = self.values
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # direct: Module.__getattr__ costs a microsecond per buffer
         values = buffers["values"]
-        if _SPARSE_MM is not None and x.is_cpu and x.dtype == values.dtype:
-            return _SPARSE_MM(x, buffers["crow_indices"], buffers["col_indices"], values, buffers["bias"])
+        if _SPARSE_MM is not None and input.is_cpu and input.dtype == values.dtype:
+            return _SPARSE_MM(input, buffers["crow_indices"], buffers["col_indices"], values, buffers["bias"])
         return F.linear(
-            x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+            input,
+            self.dense_weight().to(input.dtype),
+            None if self.bias is None else self.bias.to(input.dtype),
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):

@@ -37,7 +37,11 @@ def test_benchmark_suite_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"device", "torch", "commit", "records"}
+    assert set(results) == {"device", "torch", "commit", "machine", "runs", "records"}
+    machine = results["machine"]
+    assert {"cpu", "isa_flags", "cores", "threads", "aten_cpu_capability", "dst_cpu_isa"} <= set(machine)
+    assert machine["cpu"] and isinstance(machine["isa_flags"], list)
+    assert "machine:" in (out / "report.md").read_text()
     records = results["records"]
     ops = {r["op"] for r in records}
     assert ops == {"linear", "conv2d", "lstm", "mask", "weight_grad", "sparse"}
@@ -163,3 +167,22 @@ def test_list_names_every_case_with_its_density(capsys):
     sparse = [line for line in cases if line.startswith("sparse ")]
     assert sparse and all(" density " in line for line in sparse)
     assert not any(" density " in line for line in cases if not line.startswith("sparse "))
+
+
+def test_report_gives_the_spread_over_runs(tmp_path):
+    """Several runs: each ratio is measured within a run; the report gives its median and min-max."""
+    from benchmarks.report import ratio_runs, ratios, write_report
+
+    def rec(impl, ms, run):
+        return dict(
+            op="linear", mode="step", dtype="float32", shape=[4, 5, 6], impl=impl, median_ms=ms, run=run
+        )
+
+    records = [rec("dense", 1.0, 0), rec("native", 0.5, 0), rec("dense", 2.0, 1), rec("native", 1.6, 1)]
+    records += [rec("dense", 1.0, 2), rec("native", 0.6, 2)]
+    results = dict(device="cpu", torch="x", commit="y", records=records, runs=[])
+    key = ("linear", "step", "float32", (4, 5, 6), "native/dense")
+    assert ratio_runs(results)[key] == [0.5, 0.8, 0.6]
+    assert ratios(results)[key] == 0.6
+    write_report(results, tmp_path / "report.md")
+    assert "0.60 [0.50-0.80]" in (tmp_path / "report.md").read_text()

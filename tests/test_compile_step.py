@@ -118,8 +118,16 @@ def _compare(eager, compiled):
     assert_close_rel(c_c.alpha, c_e.alpha, 1e-5, "alpha")
     for (name, p), q in zip(m_e.named_parameters(), m_c.parameters()):
         assert_close_rel(q.detach(), p.detach(), 1e-5, name)
+    # Inductor's fused kernels round differently from eager's (their own vector widths and
+    # reduction splits): the weights agree to ~1e-7, so a mask may differ only where |W| is
+    # that close to its threshold.
     for name, layer in (("conv", m_e.conv), ("fc1", m_e.fc1), ("fc2", m_e.fc2)):
-        assert torch.equal(getattr(m_c, name).mask(), layer.mask()), f"{name} mask"
+        w, t = layer.dense_weight().detach(), layer.threshold.detach()
+        q = w.abs().flatten(1) - t[:, None]
+        tie = (q.abs() <= 1e-5 * w.abs().max()).reshape(w.shape)
+        differ = getattr(m_c, name).mask() != layer.mask()
+        assert not (differ & ~tie).any(), f"{name} mask differs away from a tie"
+        assert tie.sum() <= max(2, w.numel() // 1000), f"{name}: too many near-ties to compare"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -223,19 +223,23 @@ def test_dst_linear_sparse_path_reset_rule():
     assert_close_rel(grads[0], grad_y @ weight, 1e-12, "dx")
 
 
-def test_dst_linear_sparse_path_deterministic_and_thread_independent():
+@pytest.mark.parametrize("tokens", [1, 33, 67])
+def test_dst_linear_sparse_path_deterministic_and_thread_independent(tokens):
+    """33 tokens tile as one 64-wide tile on one thread and as 32 + 1 on two: the one-row
+    tail must sum in the same order as the wide tile."""
     weight, threshold = at_density((300, 784), 0.03, torch.float32)
-    x = torch.randn(67, 784)
-    grad_y = torch.randn(67, 300)
+    x = torch.randn(tokens, 784)
+    grad_y = torch.randn(tokens, 300)
     threads = torch.get_num_threads()
-    with sparse_mode("always"):
-        first = _step(x, weight, threshold, None, grad_y)
-        again = _step(x, weight, threshold, None, grad_y)
-        torch.set_num_threads(1)
-        try:
+    try:
+        with sparse_mode("always"):
+            torch.set_num_threads(2)
+            first = _step(x, weight, threshold, None, grad_y)
+            again = _step(x, weight, threshold, None, grad_y)
+            torch.set_num_threads(1)
             single = _step(x, weight, threshold, None, grad_y)
-        finally:
-            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
     for a, b in zip([first[0], *first[3]], [again[0], *again[3]]):
         assert torch.equal(a, b)
     # y and dX come from the sparse kernel: bitwise the same on one thread.

@@ -9,6 +9,7 @@ models (transformers) are in tests/test_sparsify_models.py under importorskip.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import logging
 import math
@@ -665,3 +666,202 @@ def test_rnn_subclasses_and_plain_rnns_are_left_dense_and_said_so():
     assert not summary.converted
     assert [e.name for e in summary.dense] == ["0", "1"]
     assert all("exact nn.LSTM / nn.GRU" in e.reason for e in summary.dense)
+
+
+# ----------------------------------------------------------------------------- reads from outside
+
+
+def _window_attention(x, qkv_weight, proj_weight, qkv_bias, proj_bias, heads):
+    """torchvision's shifted_window_attention pattern: a function given the children's weights."""
+    b, n, c = x.shape
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    a = torch.softmax(q @ k.transpose(-2, -1) * (c // heads) ** -0.5, -1) @ v
+    return F.linear(a.transpose(1, 2).reshape(b, n, c), proj_weight, proj_bias)
+
+
+class WindowAttention(nn.Module):
+    """Swin's ShiftedWindowAttention: exact nn.Linear children, read by the parent's forward."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return _window_attention(
+            x, self.qkv.weight, self.proj.weight, self.qkv.bias, self.proj.bias, self.heads
+        )
+
+
+class SwinLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, stride=2)
+        self.blocks = nn.Sequential(WindowAttention(), nn.LayerNorm(16), WindowAttention())
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+def _median_thresholds(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if dst.is_dst_layer(m):
+                for w, t in m._dst_pairs:
+                    rows = m.dense_weight(w).detach().flatten(1).abs()
+                    getattr(m, t).copy_(rows.median(1).values)
+
+
+def test_a_parent_reading_a_fused_childs_weight_gets_the_masked_weight():
+    model = SwinLike()
+    dense = copy.deepcopy(model)
+    dst.sparsify(model)
+    qkv = model.blocks[0].qkv
+    assert type(qkv) is dst.DSTLinear  # fused: its own forward is not the one that reads it
+    _median_thresholds(model)
+    x = torch.randn(2, 3, 8, 8)
+    _assert_same_function(model, fold(model), x)
+    _assert_same_function(model, _masked_copy(dense, model), x)
+    # Outside a forward, the attribute is the Parameter: a handle for init, .data, optimisers.
+    assert qkv.weight is qkv.dense_weight("weight") and isinstance(qkv.weight, nn.Parameter)
+    with torch.no_grad():
+        nn.init.normal_(qkv.weight)  # writes the Parameter itself
+    assert qkv.weight.std() > 0.5
+
+
+def test_outside_reads_get_the_estimator_gradient_and_the_reset_rule():
+    """Training through the parent's read equals training the masked-attribute stand-in."""
+    model = SwinLike()
+    dst.sparsify(model)
+    _median_thresholds(model)
+    with torch.no_grad():
+        model.blocks[2].proj.threshold.fill_(10.0)  # all pruned: the reset rule fires in the read
+    x = torch.randn(2, 3, 8, 8)
+    model.train()(x).square().sum().backward()
+    assert torch.equal(model.blocks[2].proj.threshold.detach(), torch.zeros(16))
+    # The same gradients from the reference: the model written with masked_weight by hand.
+    ref = SwinLike()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "threshold" not in k})
+    thresholds = {
+        n: nn.Parameter(t.detach().clone()) for n, t in model.named_parameters() if "threshold" in n
+    }
+    with torch.no_grad():
+        thresholds["blocks.2.proj.threshold"].fill_(10.0)
+
+    def mw(prefix):
+        w = ref.get_submodule(prefix).weight
+        return dst.functional.masked_weight(
+            w, thresholds[prefix + ".threshold"], backend="reference", min_density=0.01
+        )
+
+    def attn(i, h):
+        a = ref.blocks[i]
+        return _window_attention(h, mw(f"blocks.{i}.qkv"), mw(f"blocks.{i}.proj"), a.qkv.bias, a.proj.bias, 2)
+
+    h = F.conv2d(x, mw("stem"), ref.stem.bias, stride=2).flatten(2).transpose(1, 2)
+    h = attn(2, ref.blocks[1](attn(0, h)))
+    F.linear(h.mean(1), mw("head"), ref.head.bias).square().sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        expected = thresholds[name].grad if name in thresholds else ref_params[name].grad
+        tol = 1e-5 * (row_length(p) if "threshold" in name else 1)
+        assert_close_rel(p.grad, expected, tol, name)
+
+
+def test_outside_reads_compile_fullgraph_and_fold_drops_the_hooks():
+    torch._dynamo.reset()
+    model = SwinLike()
+    dst.sparsify(model)
+    _median_thresholds(model)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close_rel(compiled.eval()(x), fold(model).eval()(x), 1e-5)
+    folded = fold(model)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in folded.modules())
+    buf = io.BytesIO()
+    torch.save(folded, buf)  # plain classes, no dst_kernels hook in the pickle
+    assert b"dst_kernels" not in buf.getvalue()
+
+
+def test_a_forward_that_raises_leaves_no_read_scope_open():
+    model = SwinLike()
+    dst.sparsify(model)
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.randn(2, 4, 8, 8))  # wrong channel count: the stem raises
+    from dst_kernels.nn import _OUTSIDE_READS
+
+    assert _OUTSIDE_READS.depth == 0
+    assert model.blocks[0].qkv.weight is model.blocks[0].qkv.dense_weight()
+
+
+class LSTMReader(nn.Module):
+    """A parent that reads an nn.LSTM's gate matrix itself (weight tying, weight-drop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return y @ self.rnn.weight_ih_l0[:6]
+
+
+def test_rnn_weights_read_by_the_parent_are_masked():
+    model = LSTMReader()
+    dst.sparsify(model)
+    _median_thresholds(model)
+    x = torch.randn(3, 2, 4)
+    _assert_same_function(model, fold(model), x)
+    assert model.rnn.weight_ih_l0 is model.rnn.dense_weight("weight_ih_l0")
+
+
+_FUSED_CLASSES = [
+    (dst.DSTLinear, nn.Linear),
+    (dst.DSTConv2d, nn.Conv2d),
+    (dst.DSTLSTM, nn.LSTM),
+    (dst.DSTGRU, nn.GRU),
+    (dst.export.SparseLinear, nn.Linear),  # what to_sparse makes of a DSTLinear
+]
+
+
+@pytest.mark.parametrize(("fused", "base"), _FUSED_CLASSES, ids=lambda c: c.__name__)
+def test_fused_classes_take_their_base_class_call_signature(fused, base):
+    """Names, kinds and defaults of forward's parameters (annotations aside)."""
+
+    def params(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls.forward).parameters.values()]
+
+    assert params(fused) == params(base)
+
+
+@pytest.mark.parametrize(
+    ("make", "x"),
+    [
+        (lambda: nn.Linear(5, 3), torch.randn(2, 5)),
+        (lambda: nn.Conv2d(3, 4, 3), torch.randn(1, 3, 6, 6)),
+        (lambda: nn.LSTM(4, 3), torch.randn(2, 1, 4)),
+        (lambda: nn.GRU(4, 3), torch.randn(2, 1, 4)),
+    ],
+    ids=["linear", "conv", "lstm", "gru"],
+)
+def test_converted_layers_accept_the_keyword_call(make, x):
+    dense = make()
+    layer = dst.sparsify(copy.deepcopy(dense), include=(type(dense),))
+    assert dst.is_dst_layer(layer)
+    y, y_dense = layer(input=x), dense(input=x)
+    y, y_dense = (y[0], y_dense[0]) if isinstance(y, tuple) else (y, y_dense)
+    assert_close_rel(y, y_dense, 1e-6)
+
+
+def test_sparse_inference_modules_accept_the_keyword_call():
+    model = nn.Sequential(dst.DSTLinear(6, 4))
+    with torch.no_grad():
+        model[0].threshold.fill_(0.2)
+    sparse = dst.export.to_sparse(model, max_density=1.0)
+    x = torch.randn(3, 6)
+    assert_close_rel(sparse[0](input=x), fold(model)[0](x), 1e-6)

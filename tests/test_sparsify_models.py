@@ -127,3 +127,23 @@ def test_timm_models(name):
     _random_thresholds(model, 0.0, 0.01)
     _check_drop_in(model, make, x, tol=1e-4)
     copy.deepcopy(model)
+
+
+def test_torchvision_swin_parent_reads_the_masked_weights():
+    """ShiftedWindowAttention passes qkv.weight / proj.weight to a function: it must see W * M."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    dst.sparsify(model)
+    attn = model.features[1][0].attn
+    assert type(attn.qkv) is dst.DSTLinear and type(attn.proj) is dst.DSTLinear
+    with torch.no_grad():  # thresholds at each row's median |W|: half of every layer kept
+        for m in model.modules():
+            if dst.is_dst_layer(m):
+                for w, t in m._dst_pairs:
+                    getattr(m, t).copy_(m.dense_weight(w).detach().flatten(1).abs().median(1).values)
+    assert_close_rel(_logits(model, x), _logits(fold(model), x), 1e-4, "swin_t against its fold")
+    fresh = torchvision.models.swin_t(num_classes=5)
+    fresh.load_state_dict(dense_state_dict(model), strict=True)
+    assert_close_rel(_logits(fresh, x), _logits(model, x), 1e-4, "dense_state_dict")

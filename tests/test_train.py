@@ -121,7 +121,8 @@ def test_short_run_writes_every_output(tmp_path, mnist_dir, capsys):
     dst_part = summary["dst"]
     assert 0.0 < dst_part["density"] <= 1.0
     assert [layer["name"] for layer in dst_part["layers"]] == ["1.weight", "3.weight", "5.weight"]
-    # 12 steps on the synthetic digits learn far more than chance (10 %).
+    # 12 steps on the synthetic digits learn far more than chance (10 %): both phases reach
+    # 100 % on them, so the bound holds whatever the machine's rounding does to the run.
     assert summary["dense"]["accuracy"] > 0.5 and dst_part["accuracy"] > 0.5
     # Issue 14 item 4: wall time, speed, memory, the command line, versions.
     assert summary["wall_seconds"] > 0 and summary["steps_per_second"] > 0

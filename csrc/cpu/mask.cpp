@@ -10,8 +10,10 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "dst/checks.h"
+#include "dst/cpu_isa.h"
 #include "dst/cpu_kernels.h"
 #include "dst/estimator.h"
 
@@ -46,15 +48,17 @@ inline __attribute__((always_inline)) int64_t mask_row_impl(const scalar_t* __re
   return kept;
 }
 
+DST_CPU_MULTIVERSION(mask_row_simd, mask_row_impl)
+
+// float and double rows run the variant of dst::cpu::isa(); half and bfloat16 rows the
+// baseline build.
 template <typename scalar_t>
 int64_t mask_row(const scalar_t* w, scalar_t t, scalar_t* out, int64_t cols) {
-  return mask_row_impl(w, t, out, cols);
-}
-DST_CPU_CLONES int64_t mask_row(const float* w, float t, float* out, int64_t cols) {
-  return mask_row_impl(w, t, out, cols);
-}
-DST_CPU_CLONES int64_t mask_row(const double* w, double t, double* out, int64_t cols) {
-  return mask_row_impl(w, t, out, cols);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    return mask_row_simd(w, t, out, cols);
+  } else {
+    return mask_row_impl(w, t, out, cols);
+  }
 }
 
 // Every row; row_counts[r] (when not null) receives row r's kept count.

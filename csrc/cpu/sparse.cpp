@@ -11,7 +11,8 @@
 // (K x NB, opmath type) into a per-thread buffer that stays in L2, and every output
 // feature accumulates NB lanes in registers over its nonzeros (vectorised over the
 // tokens). Each output element is one thread's sum over its row's nonzeros in column
-// order: results are deterministic and independent of the thread count.
+// order: results are deterministic and independent of the thread count (a single-row x
+// uses a faster order of its own, the same for every thread count).
 #include "dst/sparse.h"
 
 #include <ATen/ATen.h>
@@ -31,6 +32,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "dst/cpu_isa.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -95,7 +98,8 @@ using opmath = at::opmath_type<scalar_t>;
 
 // Kept count of one row (vectorised: compare and count, no writes).
 template <typename scalar_t>
-DST_CPU_CLONES int64_t count_row(const scalar_t* __restrict__ w, scalar_t t, int64_t cols) {
+inline __attribute__((always_inline)) int64_t count_row_impl(const scalar_t* __restrict__ w,
+                                                             scalar_t t, int64_t cols) {
   const opmath<scalar_t> tf = static_cast<opmath<scalar_t>>(t);
   int64_t kept = 0;
   constexpr int64_t kChunk = int64_t(1) << 30;
@@ -114,8 +118,10 @@ DST_CPU_CLONES int64_t count_row(const scalar_t* __restrict__ w, scalar_t t, int
 // The kept entries of one row, in column order: their columns and values. Chunks of 16
 // with nothing kept (most of them at low density) are skipped after a vectorised test.
 template <typename scalar_t>
-DST_CPU_CLONES void compress_row_generic(const scalar_t* __restrict__ w, scalar_t t, int64_t cols,
-                                         int32_t* __restrict__ col, scalar_t* __restrict__ val) {
+inline __attribute__((always_inline)) void compress_row_impl(const scalar_t* __restrict__ w,
+                                                             scalar_t t, int64_t cols,
+                                                             int32_t* __restrict__ col,
+                                                             scalar_t* __restrict__ val) {
   const opmath<scalar_t> tf = static_cast<opmath<scalar_t>>(t);
   int64_t p = 0;
   for (int64_t j0 = 0; j0 < cols; j0 += 16) {
@@ -138,7 +144,10 @@ DST_CPU_CLONES void compress_row_generic(const scalar_t* __restrict__ w, scalar_
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+DST_CPU_MULTIVERSION(count_row, count_row_impl)
+DST_CPU_MULTIVERSION(compress_row_generic, compress_row_impl)
+
+#ifdef DST_CPU_X86_VARIANTS
 #define DST_AVX512_COMPRESS 1
 // float rows with AVX-512: per 16 weights one compare into a mask, the kept lanes compressed
 // in registers and written with a masked store (branch-free; nothing past the row's end).
@@ -163,10 +172,8 @@ __attribute__((target("avx512f,popcnt"))) void compress_row_avx512(const float* 
   }
 }
 
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
-  return yes;
-}
+// The hand-written AVX-512 kernels run where the row kernels run their AVX-512 variant.
+bool has_avx512() { return cpu::isa() == cpu::Isa::kAvx512; }
 #endif
 
 template <typename scalar_t>
@@ -389,9 +396,10 @@ inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __r
 }
 
 template <typename scalar_t>
-DST_CPU_CLONES void tile_rows_any(const opmath<scalar_t>* xt, Csr<scalar_t> a, const scalar_t* bias,
-                                  scalar_t* y, int64_t ldy, int64_t nb, int nbw, int64_t m0,
-                                  int64_t m1) {
+inline __attribute__((always_inline)) void tile_rows_any_impl(const opmath<scalar_t>* xt,
+                                                              Csr<scalar_t> a, const scalar_t* bias,
+                                                              scalar_t* y, int64_t ldy, int64_t nb,
+                                                              int nbw, int64_t m0, int64_t m1) {
   switch (nbw) {
     case 1:
       return tile_rows<scalar_t, 1>(xt, a, bias, y, ldy, nb, m0, m1);
@@ -409,6 +417,8 @@ DST_CPU_CLONES void tile_rows_any(const opmath<scalar_t>* xt, Csr<scalar_t> a, c
       return tile_rows<scalar_t, 64>(xt, a, bias, y, ldy, nb, m0, m1);
   }
 }
+
+DST_CPU_MULTIVERSION(tile_rows_any, tile_rows_any_impl)
 
 #ifdef DST_AVX512_COMPRESS
 // One token row of float x (contiguous, no packing): per output feature, 16 kept weights
@@ -467,7 +477,10 @@ void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t
       const int64_t m1 = std::min(m_rows, m0 + (end - it));
       const int64_t n0 = tile * nb_full;
       const int64_t nb = std::min<int64_t>(nb_full, n_rows - n0);
-      const int nbw = nb == nb_full ? nb_full : pow2_at_least(nb);
+      // A one-row tile of a larger x (a tail left by the tile width, which depends on the
+      // thread count) sums in the per-lane order of the wider tiles: a row's result must not
+      // depend on how many threads tiled it. Only a single-row x takes the one-row paths.
+      const int nbw = nb == nb_full ? nb_full : std::max(n_rows > 1 ? 2 : 1, pow2_at_least(nb));
 #ifdef DST_AVX512_COMPRESS
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (nbw == 1 && has_avx512()) {
@@ -478,7 +491,8 @@ void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t
       }
 #endif
       pack_tile(x + n0 * k, k, k, nb, nbw, xt.get());
-      tile_rows_any<scalar_t>(xt.get(), a, bias, y + n0 * m_rows, m_rows, nb, nbw, m0, m1);
+      tile_rows_any(static_cast<const opmath_t*>(xt.get()), a, bias, y + n0 * m_rows, m_rows, nb,
+                    nbw, m0, m1);
       it += m1 - m0;
     }
   });
@@ -609,7 +623,8 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_mask_cpu(const Tensor& weight,
 }
 
 // Whether every index lies in [0, k): one unsigned compare each, vectorised.
-DST_CPU_CLONES bool indices_below(const int32_t* __restrict__ ip, int64_t n, int64_t k) {
+inline __attribute__((always_inline)) bool indices_below_impl(const int32_t* __restrict__ ip,
+                                                              int64_t n, int64_t k) {
   const uint32_t bound = static_cast<uint32_t>(std::min<int64_t>(k, kMaxIndex));
   uint32_t bad = 0;
 #pragma omp simd reduction(| : bad)
@@ -618,6 +633,7 @@ DST_CPU_CLONES bool indices_below(const int32_t* __restrict__ ip, int64_t n, int
   }
   return bad == 0;
 }
+DST_CPU_MULTIVERSION(indices_below, indices_below_impl)
 
 void check_csr(const char* op, const Tensor& crow, const Tensor& col, const Tensor& values,
                int64_t k) {

@@ -8,8 +8,10 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "dst/checks.h"
+#include "dst/cpu_isa.h"
 #include "dst/estimator.h"
 
 namespace dst {
@@ -39,18 +41,18 @@ inline __attribute__((always_inline)) at::opmath_type<scalar_t> weight_grad_row_
   return acc;
 }
 
+DST_CPU_MULTIVERSION(weight_grad_row_simd, weight_grad_row_impl)
+
+// float and double rows run the variant of dst::cpu::isa(); half and bfloat16 rows
+// (converted element by element) the baseline build.
 template <typename scalar_t>
 at::opmath_type<scalar_t> weight_grad_row(const scalar_t* g, const scalar_t* w, scalar_t t,
                                           scalar_t* dw, int64_t cols) {
-  return weight_grad_row_impl(g, w, t, dw, cols);
-}
-DST_CPU_CLONES float weight_grad_row(const float* g, const float* w, float t, float* dw,
-                                     int64_t cols) {
-  return weight_grad_row_impl(g, w, t, dw, cols);
-}
-DST_CPU_CLONES double weight_grad_row(const double* g, const double* w, double t, double* dw,
-                                      int64_t cols) {
-  return weight_grad_row_impl(g, w, t, dw, cols);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    return weight_grad_row_simd(g, w, t, dw, cols);
+  } else {
+    return weight_grad_row_impl(g, w, t, dw, cols);
+  }
 }
 
 // dW into grad_w (which may be g itself) and dt into grad_t.

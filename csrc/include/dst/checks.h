@@ -5,15 +5,6 @@
 
 #include <tuple>
 
-// CPU row kernels are compiled for AVX-512, AVX2 and the baseline instruction set and
-// picked at load time (GCC function multi-versioning). No FMA: results stay
-// bit-identical to the unfused reference.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DST_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DST_CPU_CLONES
-#endif
-
 namespace dst {
 
 // Layout the kernels walk: dim 0 outermost and every row one contiguous block

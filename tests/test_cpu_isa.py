@@ -1,0 +1,116 @@
+"""DST_KERNELS_CPU_ISA: every variant of the CPU row kernels computes the same function.
+
+The row kernels (mask, weight gradient, CSR compression and product) are compiled for
+AVX-512, AVX2 and the baseline x86-64 instruction set; the environment variable picks
+one at the first call (csrc/include/dst/cpu_isa.h). Each variant runs in its own process
+here and is compared with the float64 re-derivation: masks exactly, values within the
+SPEC tolerances. ``.ci/run`` runs the whole suite a second time with ``portable``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_close_rel, rederive, row_length, tol_for
+
+from dst_kernels import _ops
+
+pytestmark = pytest.mark.skipif(not _ops.has_op("cpu_isa"), reason="the native extension is not built")
+
+# Odd shapes: one row, primes, rows shorter and longer than a vector, a partial last chunk of 16.
+SHAPES = [(1, 1), (3, 7), (17, 31), (64, 33), (5, 257)]
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import dst_kernels  # noqa: F401
+    from dst_kernels import _ops
+    ops = torch.ops.dst_kernels
+    out = {"isa": _ops.cpu_isa(), "cases": []}
+    for rows, cols in SHAPES:
+        for dtype in (torch.float32, torch.float64):
+            g = torch.Generator().manual_seed(rows * 1000 + cols)
+            w = torch.randn(rows, cols, generator=g, dtype=dtype)
+            t = (torch.rand(rows, generator=g, dtype=dtype) * 1.5).to(dtype)
+            w[0, 0] = t[0]  # a tie: masked out
+            grad = torch.randn(rows, cols, generator=g, dtype=dtype)
+            p, _ = ops.dst_mask(w, t, None)
+            dw, dt = ops.dst_weight_grad(grad, w, t)
+            crow, col, val = ops.dst_sparse_mask(w, t)
+            x = torch.randn(9, cols, generator=g, dtype=dtype)
+            y = ops.dst_sparse_mm(x, crow, col, val, None)
+            y1 = ops.dst_sparse_mm(x[:1].contiguous(), crow, col, val, None)
+            case = dict(w=w, t=t, grad=grad, p=p, dw=dw, dt=dt, x=x, y=y, y1=y1, nnz=val.numel())
+            out["cases"].append(case)
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+def _run(isa: str, tmp_path) -> dict:
+    path = tmp_path / f"{isa}.pt"
+    env = dict(os.environ, DST_KERNELS_CPU_ISA=isa, DST_KERNELS_QUIET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", f"SHAPES = {SHAPES!r}\n{_SCRIPT}", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_variant_matches_the_reference(isa, tmp_path):
+    out = _run(isa, tmp_path)
+    # The variant asked for, or the best this CPU has below it.
+    order = ["portable", "avx2", "avx512"]
+    assert order.index(out["isa"]) <= order.index(isa)
+    if isa == "portable":
+        assert out["isa"] == "portable"
+    for case in out["cases"]:
+        w, t, grad = case["w"], case["t"], case["grad"]
+        dtype = w.dtype
+        mask = w.abs() > t[:, None]
+        assert torch.equal(case["p"] != 0, mask & (w != 0))
+        assert torch.equal(case["p"], w * mask)
+        assert case["nnz"] == int(mask.sum())
+        p, gw, gt = rederive(w, t, grad)
+        tol = tol_for(dtype)
+        assert_close_rel(case["dw"], gw.to(dtype), tol, "dW")
+        assert_close_rel(case["dt"], gt.to(dtype), tol * row_length(w), "dt")
+        y = case["x"].double() @ p.T
+        assert_close_rel(case["y"], y.to(dtype), tol, "sparse_mm")
+        assert_close_rel(case["y1"], y[:1].to(dtype), tol, "sparse_mm, one row")
+
+
+def test_variants_agree_with_each_other(tmp_path):
+    """The mask pass and the CSR are bit-identical across variants (a compare and a copy);
+    sums may differ in their last bits (the vector width sets the reduction order)."""
+    runs = [_run(isa, tmp_path) for isa in ("portable", "avx512")]
+    for a, b in zip(runs[0]["cases"], runs[1]["cases"]):
+        assert torch.equal(a["p"], b["p"]) and a["nnz"] == b["nnz"]
+        assert_close_rel(a["dw"], b["dw"], tol_for(a["w"].dtype), "dW")
+
+
+def test_an_unknown_value_is_refused_at_import():
+    env = dict(os.environ, DST_KERNELS_CPU_ISA="sse9")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import dst_kernels"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "DST_KERNELS_CPU_ISA must be one of auto, avx512, avx2, portable; got 'sse9'" in proc.stderr
+
+
+def test_this_process_reports_its_variant():
+    isa = _ops.cpu_isa()
+    assert isa in ("portable", "avx2", "avx512")
+    if os.environ.get("DST_KERNELS_CPU_ISA") == "portable":
+        assert isa == "portable"
+    assert torch.ops.dst_kernels.cpu_isa() == isa
