@@ -74,7 +74,9 @@ def _machine_lines(results: dict) -> list[str]:
     runs = results.get("runs") or []
     if runs:
         loads = ", ".join(f"{r['load_before']:.2f}-{r['load_after']:.2f}" for r in runs)
-        lines.append(f"runs: {len(runs)}; 1-minute load average before-after each run: {loads}")
+        lines.append(
+            f"runs: {len(runs)}; 1-minute load average before-after each run (its own threads included): {loads}"
+        )
     return lines
 
 
