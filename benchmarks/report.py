@@ -75,7 +75,8 @@ def _machine_lines(results: dict) -> list[str]:
     if runs:
         loads = ", ".join(f"{r['load_before']:.2f}-{r['load_after']:.2f}" for r in runs)
         lines.append(
-            f"runs: {len(runs)}; 1-minute load average before-after each run (its own threads included): {loads}"
+            f"runs: {len(runs)}; 1-minute load average before-after each run "
+            f"(its own threads included): {loads}"
         )
     return lines
 
