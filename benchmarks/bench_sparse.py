@@ -23,119 +23,15 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
-import dst_kernels as dst
 from benchmarks.common import run_case
-from dst_kernels.sparse import sparse_mode
+from benchmarks.sparse_steps import held, training_step
 
 OP = "sparse"
 
 
 def test_sparse(benchmark, case, bench_records, bench_size):
     run_case(benchmark, case, bench_records, bench_size)
-
-
-def sparse_impls(case) -> list[str]:
-    native = "native" in dst.available_backends(case.device)
-    if case.mode == "forward":
-        return ["dense", "torch-sparse"] + (["native"] if native else [])
-    return ["dense"] + (["native-dense", "native"] if native else [])
-
-
-def _thresholds_for(weight: torch.Tensor, density: float) -> torch.Tensor:
-    w = weight.detach().abs().float()
-    if density >= 1.0:
-        return torch.full((weight.shape[0],), -1.0, dtype=weight.dtype, device=weight.device)
-    return torch.quantile(w, 1.0 - density, dim=1).to(weight.dtype)
-
-
-def _dst_linear(k: int, n: int, density: float, dtype) -> dst.DSTLinear:
-    torch.manual_seed(0)
-    layer = dst.DSTLinear(k, n, min_density=None, backend="native", dtype=dtype)
-    with torch.no_grad():
-        layer.threshold.copy_(_thresholds_for(layer.weight, density))
-    return layer.train()
-
-
-def _held(mode: str, fn):
-    def run():
-        with sparse_mode(mode):
-            fn()
-
-    return run
-
-
-def _training_step(impl: str, case):
-    tokens, k, n = case.shape
-    if impl == "dense":
-        torch.manual_seed(0)
-        layer = nn.Linear(k, n, dtype=case.dtype)
-    else:
-        layer = _dst_linear(k, n, case.density, case.dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, k, generator=g).to(case.dtype).requires_grad_(True)
-    grad = torch.randn(tokens, n, generator=g).to(case.dtype)
-    wrt = [*layer.parameters(), x]
-
-    def step():
-        torch.autograd.grad(layer(x), wrt, grad)
-
-    return _held("never", step) if impl == "native-dense" else step
-
-
-class _TorchSparseLinear(nn.Module):
-    """A folded Linear whose weight is a ``torch.sparse_csr`` tensor (the plain-PyTorch peer)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight = linear.weight.detach().to_sparse_csr()
-        self.bias = linear.bias.detach()
-
-    def forward(self, x):
-        return torch.addmm(self.bias[:, None], self.weight, x.t()).t()
-
-
-def _lenet(density: float) -> nn.Module:
-    from dst_kernels.train.models import lenet_300_100
-
-    torch.manual_seed(0)
-    model = dst.sparsify(lenet_300_100(), backend="native")
-    with torch.no_grad():
-        for m in model.modules():
-            if dst.is_dst_layer(m):
-                m.threshold.copy_(_thresholds_for(m.weight, density))
-    return model.eval()
-
-
-def _inference_step(impl: str, case):
-    batch = case.shape[0]
-    model = _lenet(case.density)
-    if impl == "native":
-        net = dst.export.to_sparse(model, max_density=1.0)
-    else:
-        net = dst.export.fold(model)
-        if impl == "torch-sparse":
-            for i, m in enumerate(net):
-                if type(m) is nn.Linear:
-                    net[i] = _TorchSparseLinear(m)
-    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(case.dtype)
-
-    def step():
-        with torch.no_grad():
-            net(x)
-
-    return step
-
-
-def build_sparse_step(impl: str, case):
-    """The timed callable of ``impl`` for a case of the sparse family."""
-    if case.mode == "forward":
-        return _inference_step(impl, case)
-    return _training_step(impl, case)
-
-
-# ----------------------------------------------------------------------------- crossover sweep
 
 
 def _median_times(steps: dict, rounds: int, inner: int) -> dict:
@@ -157,11 +53,11 @@ def sweep(shape, densities, rounds: int) -> list[tuple[float, float, float]]:
     rows = []
     for density in densities:
         case = Case(OP, shape, torch.float32, "step", "cpu", density)
-        layer_step = _training_step("native", case)
+        layer_step = training_step("native", case)
         steps = {
-            "sparse": _held("always", layer_step),
-            "dense-path": _held("never", layer_step),
-            "linear": _training_step("dense", case),
+            "sparse": held("always", layer_step),
+            "dense-path": held("never", layer_step),
+            "linear": training_step("dense", case),
         }
         for fn in steps.values():
             fn()

@@ -60,7 +60,7 @@ LAYER_OPS = ("linear", "conv2d", "lstm")
 
 def available_impls(case: Case) -> list[str]:
     if case.op == "sparse":
-        from benchmarks.bench_sparse import sparse_impls
+        from benchmarks.sparse_steps import sparse_impls
 
         return sparse_impls(case)
     if case.op == "lstm":
@@ -221,7 +221,7 @@ def impl_target(impl: str, case: Case):
     """What ``impl`` resolves to for ``case``: the op function, or the layer's type and backend."""
     if case.op in ("mask", "weight_grad"):
         return op_target(impl, case.op)
-    if case.op == "sparse":  # bench_sparse builds a distinct model or mode per name
+    if case.op == "sparse":  # sparse_steps builds a distinct model or mode per name
         return ("sparse", case.mode, impl)
     layer = build_layer(impl, _tiny(case))
     return type(layer), getattr(layer, "backend", None), getattr(layer, "sync", None)
@@ -267,7 +267,7 @@ def build_step(impl: str, case: Case) -> Callable[[], None]:
     if case.op in ("mask", "weight_grad"):
         return _op_step(impl, case)
     if case.op == "sparse":
-        from benchmarks.bench_sparse import build_sparse_step
+        from benchmarks.sparse_steps import build_sparse_step
 
         return build_sparse_step(impl, case)
     raise ValueError(f"unknown op {case.op!r}")

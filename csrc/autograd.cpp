@@ -8,7 +8,6 @@
 // made below autograd and never require grad). Marking them non-differentiable instead
 // would break compiled autograd, which does not support that for C++ Functions.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -18,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "dst/dispatch.h"
+
 namespace dst {
 namespace {
 
@@ -25,62 +26,17 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-const auto& mask_op() {
-  static const auto op =
-      find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, std::optional<double>)>(
-          "dst_kernels::dst_mask");
-  return op;
-}
-
-const auto& weight_grad_op() {
-  static const auto op =
-      find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&)>(
-          "dst_kernels::dst_weight_grad");
-  return op;
-}
-
-const auto& weight_grad_inplace_op() {
-  static const auto op =
-      find_op<Tensor(Tensor&, const Tensor&, const Tensor&)>("dst_kernels::dst_weight_grad_");
-  return op;
-}
-
-const auto& linear_op() {
-  static const auto op = find_op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-      std::optional<double>)>("dst_kernels::dst_linear");
-  return op;
-}
-
-const auto& conv2d_op() {
-  static const auto op = find_op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, at::IntArrayRef,
-      at::IntArrayRef, at::IntArrayRef, int64_t, std::optional<double>)>("dst_kernels::dst_conv2d");
-  return op;
-}
-
-const auto& linear_grad_input_op() {
-  static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
-      "dst_kernels::dst_linear_grad_input");
-  return op;
-}
-
 Tensor recomputed_p(const Tensor& weight, const Tensor& t_eff) {
-  return std::get<0>(mask_op().call(weight, t_eff, std::nullopt));
+  return std::get<0>(ops::mask_op().call(weight, t_eff, std::nullopt));
 }
 
 // (dW, dt) from G = dL/dP: dW over G's buffer when G has W's layout, else a new tensor.
 std::pair<Tensor, Tensor> weight_grads(Tensor grad_p, const Tensor& weight, const Tensor& t_eff) {
   if (grad_p.sizes() == weight.sizes() && grad_p.strides() == weight.strides()) {
-    Tensor grad_t = weight_grad_inplace_op().call(grad_p, weight, t_eff);
+    Tensor grad_t = ops::weight_grad_inplace_op().call(grad_p, weight, t_eff);
     return {grad_p, grad_t};
   }
-  auto [grad_w, grad_t] = weight_grad_op().call(grad_p, weight, t_eff);
+  auto [grad_w, grad_t] = ops::weight_grad_op().call(grad_p, weight, t_eff);
   return {grad_w, grad_t};
 }
 
@@ -110,7 +66,7 @@ struct MaskFunction : public torch::autograd::Function<MaskFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& threshold,
                                std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [masked, t_eff] = mask_op().call(weight, threshold, min_density);
+    auto [masked, t_eff] = ops::mask_op().call(weight, threshold, min_density);
     ctx->save_for_backward({weight, t_eff});
     ctx->set_materialize_grads(false);
     extras->t_eff = t_eff;
@@ -125,7 +81,7 @@ struct MaskFunction : public torch::autograd::Function<MaskFunction> {
     }
     const auto saved = ctx->get_saved_variables();
     check_first_order("dst_mask", {&grad_p, &saved[0]});
-    auto [grad_w, grad_t] = weight_grad_op().call(grad_p, saved[0], saved[1]);
+    auto [grad_w, grad_t] = ops::weight_grad_op().call(grad_p, saved[0], saved[1]);
     out[0] = if_needed(ctx->needs_input_grad(0), grad_w);
     out[1] = if_needed(ctx->needs_input_grad(1), grad_t);
     return out;
@@ -137,7 +93,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                                const Tensor& threshold, const std::optional<Tensor>& bias,
                                std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, masked, t_eff] = linear_op().call(x, weight, threshold, bias, min_density);
+    auto [y, masked, t_eff] = ops::linear_op().call(x, weight, threshold, bias, min_density);
     ctx->save_for_backward({x, weight, t_eff});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->set_materialize_grads(false);
@@ -160,7 +116,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const Tensor grad_2d = grad_y.reshape({-1, grad_y.size(-1)});
     if (need_x) {
       // dY P (P recomputed; on the CPU the sparse kernel below the density crossover).
-      out[0] = linear_grad_input_op().call(grad_y, weight, t_eff);
+      out[0] = ops::linear_grad_input_op().call(grad_y, weight, t_eff);
     }
     if (need_w || need_t) {
       auto [grad_w, grad_t] =
@@ -182,8 +138,8 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                                at::IntArrayRef dilation, int64_t groups,
                                std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, masked, t_eff] = conv2d_op().call(x, weight, threshold, bias, stride, padding,
-                                               dilation, groups, min_density);
+    auto [y, masked, t_eff] = ops::conv2d_op().call(x, weight, threshold, bias, stride, padding,
+                                                    dilation, groups, min_density);
     ctx->save_for_backward({x, weight, t_eff});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["stride"] = stride.vec();

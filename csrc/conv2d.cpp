@@ -2,11 +2,12 @@
 // (cuDNN / oneDNN / the CPU kernels). CompositeExplicitAutograd; its autograd is in
 // csrc/autograd.cpp and keeps neither the mask nor P.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "dst/dispatch.h"
 
 namespace dst {
 namespace {
@@ -17,11 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dst_conv2d(
     at::IntArrayRef dilation, int64_t groups, std::optional<double> min_density) {
   TORCH_CHECK(weight.dim() == 4, "dst_conv2d: weight must be 4-D, got ", weight.sizes());
   TORCH_CHECK(x.dim() == 4, "dst_conv2d: x must be 4-D [N, C, H, W], got ", x.sizes());
-  static auto mask_op = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("dst_kernels::dst_mask", "")
-                            .typed<std::tuple<at::Tensor, at::Tensor>(
-                                const at::Tensor&, const at::Tensor&, std::optional<double>)>();
-  auto [masked, t_eff] = mask_op.call(weight, threshold, min_density);
+  auto [masked, t_eff] = ops::mask_op().call(weight, threshold, min_density);
   const int64_t zeros[2] = {0, 0};
   at::Tensor y = at::convolution(x, masked, bias, stride, padding, dilation, /*transposed=*/false,
                                  at::IntArrayRef(zeros, 2), groups);

@@ -45,8 +45,6 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The instruction set of the CPU row kernels: "avx512", "avx2" or "portable" (the
   // best the CPU runs, capped by DST_KERNELS_CPU_ISA; csrc/include/dst/cpu_isa.h).
   m.def("cpu_isa() -> str", &dst::cpu::isa_name);
-  // H(x) elementwise: the long-tailed estimator of SPEC section 1.
-  m.def("estimator(Tensor x) -> Tensor");
   // One pass: P = W * (|W| > t[row]) and the kept count; with min_density set, the
   // reset rule on the device (t_eff = 0 and P recomputed when kept <= min_density *
   // numel). Returns (P, t_eff); t_eff is t, or zeros after a reset.

@@ -1,6 +1,6 @@
 """dst_kernels: Dynamic Sparse Training (Liu et al., ICLR 2020) as fused PyTorch layers.
 
-Public API (SPEC section 3)::
+Public API (docs/maths.md section 3)::
 
     import dst_kernels as dst
     layer = dst.DSTLinear(784, 300)            # or dst.sparsify(model)
@@ -14,6 +14,7 @@ from dst_kernels import (
     export,
     functional,
     reference,
+    sparse,
 )
 from dst_kernels.controller import DensityController
 from dst_kernels.convert import plan_sparsify, register_layer, sparsify
@@ -44,6 +45,7 @@ __all__ = [
     "plan_sparsify",
     "register_layer",
     "reference",
+    "sparse",
     "sparsify",
     "sparsity_loss",
     "sparsity_report",

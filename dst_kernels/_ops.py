@@ -91,11 +91,6 @@ _check_build_matches()
 
 
 def _register() -> None:
-    @torch.library.register_fake("dst_kernels::estimator")
-    def _estimator_fake(x):
-        torch._check(x.is_floating_point(), lambda: "estimator: x must be floating-point")
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
     if not has_op("dst_mask"):
         return  # an older build: only the reference backend
 

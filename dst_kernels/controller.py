@@ -22,7 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from dst_kernels.nn import is_dst_layer, layer_penalty
+from dst_kernels.nn.base import is_dst_layer
+from dst_kernels.regulariser import layer_penalty
 
 __all__ = ["DensityController"]
 

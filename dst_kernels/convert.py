@@ -48,16 +48,10 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from dst_kernels import functional as DF
-from dst_kernels.nn import (
-    DSTGRU,
-    DSTLSTM,
-    DSTConv2d,
-    DSTLayer,
-    DSTLinear,
-    is_dst_layer,
-    masked_along,
-    watch_outside_reads,
-)
+from dst_kernels.nn.base import DSTLayer, is_dst_layer, masked_along, watch_outside_reads
+from dst_kernels.nn.conv import DSTConv2d
+from dst_kernels.nn.linear import DSTLinear
+from dst_kernels.nn.rnn import DSTGRU, DSTLSTM
 
 __all__ = [
     "SparsifyEntry",

@@ -1,6 +1,6 @@
 """Functional DST: argument checks and backend dispatch.
 
-Every backend computes the same function (SPEC section 1); this module checks
+Every backend computes the same function (docs/maths.md section 1); this module checks
 the arguments once, with the same messages for every backend, then hands the
 call to the backend's implementation.
 """

@@ -1,6 +1,6 @@
 """Pure-PyTorch DST: the oracle every other backend is tested against.
 
-Implements SPEC section 1 exactly, for weights of any rank: a weight with
+Implements docs/maths.md section 1 exactly, for weights of any rank: a weight with
 ``O`` output rows is viewed as ``[O, -1]`` and row ``i`` is compared with
 ``threshold[i]``.
 """

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EXP_LINEAR_BELOW", "threshold_penalty"]
+from dst_kernels._dtensor import check_sharded_reset, is_dtensor, local_share
+
+__all__ = ["EXP_LINEAR_BELOW", "layer_penalty", "threshold_penalty"]
 
 # Below t = -10 the penalty is linear in t. A threshold below -(max|W| + 1) keeps its whole
 # row and gets no gradient from the task loss (the estimator H vanishes for |Q| > 1), so
@@ -35,3 +37,12 @@ def threshold_penalty(threshold: torch.Tensor) -> torch.Tensor:
     clamped = torch.where(t < -EXP_LINEAR_BELOW, -EXP_LINEAR_BELOW, t)
     # (clamped - t) is 0 for t >= -c and -c - t > 0 below: exp(c) * (1 + (-c - t)) there.
     return (torch.exp(-clamped) * (1.0 + (clamped - t))).sum()
+
+
+def layer_penalty(layer) -> torch.Tensor:
+    """``sum exp(-t)`` over one DST layer's thresholds (under FSDP2, this rank's shards)."""
+    thresholds = layer.thresholds()
+    if any(is_dtensor(t) for t in thresholds):  # FSDP2: each rank adds its own shards' terms
+        check_sharded_reset(layer)
+        thresholds = [local_share(t) for t in thresholds]
+    return sum(threshold_penalty(t) for t in thresholds)

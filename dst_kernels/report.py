@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dst_kernels.distributed import full as full_tensor
-from dst_kernels.nn import is_dst_layer
+from dst_kernels._dtensor import full as full_tensor
+from dst_kernels.nn.base import is_dst_layer
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 

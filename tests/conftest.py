@@ -1,7 +1,7 @@
-"""Shared test helpers: an independent float64 re-derivation of SPEC section 1 and SPEC 4's tolerance.
+"""Shared test helpers: a float64 re-derivation of docs/maths.md section 1, and section 4's tolerance.
 
 The re-derivation does not call ``dst_kernels``: it rebuilds the masked weight with plain
-autograd so that the gradients PyTorch computes for it are exactly SPEC's formulas::
+autograd so that the gradients PyTorch computes for it are exactly the formulas of docs/maths.md section 1::
 
     Q = |W| - t[row]                      (autograd: d|W|/dW = sign(W), sign(0) = 0)
     P = W * (S(Q) + (h(Q) - h(Q).detach()))
@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 SEED = 1234
 
-# SPEC section 4: error relative to the norm of the reference. float64 is not in the SPEC; it
+# docs/maths.md section 4: error relative to the norm of the reference. float64 is not in the contract; it
 # compares two float64 computations of the same formula, so it only allows rounding.
 TOL = {
     torch.float64: 1e-12,
@@ -43,12 +43,12 @@ TOL = {
     torch.bfloat16: 1e-2,
 }
 
-# SPEC's check values of H.
+# docs/maths.md's check values of H.
 H_CHECK_X = [-2.0, -0.7, -0.1, 0.0, 0.5, 1.0]
 H_CHECK_Y = [0.0, 0.4, 1.6, 2.0, 0.4, 0.4]
 
 
-# SPEC section 4's tolerance for float32 computed with TF32 tensor-core inputs.
+# the tolerance of docs/maths.md section 4 for float32 computed with TF32 tensor-core inputs.
 TOL_TF32 = 5e-3
 
 
@@ -77,11 +77,11 @@ def make_generator(seed: int = SEED) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- SPEC maths
+# ----------------------------------------------------------------------------- docs/maths.md section 1
 
 
 def spec_estimator(x: torch.Tensor) -> torch.Tensor:
-    """``H`` written from SPEC section 1, element by element in float64 Python."""
+    """``H`` written from docs/maths.md section 1, element by element in float64 Python."""
     out = []
     for v in x.detach().to(torch.float64).flatten().tolist():
         a = abs(v)
@@ -109,7 +109,7 @@ def _estimator_antiderivative(q: torch.Tensor) -> torch.Tensor:
 
 
 def spec_masked_weight(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``P = W * M`` of SPEC section 1, differentiable through ``H`` (any weight rank)."""
+    """``P = W * M`` of docs/maths.md section 1, differentiable through ``H`` (any weight rank)."""
     rows = weight.reshape(weight.shape[0], -1)
     q = rows.abs() - threshold.unsqueeze(1)
     step = (q.detach() > 0).to(q.dtype)  # strict: ties |W| == t are masked out
@@ -125,7 +125,7 @@ def spec_mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def rederive(weight: torch.Tensor, threshold: torch.Tensor, grad_masked: torch.Tensor):
-    """``(P, dL/dW, dL/dt)`` of SPEC section 1 in float64, by autograd on the re-derivation."""
+    """``(P, dL/dW, dL/dt)`` of docs/maths.md section 1 in float64, by autograd on the re-derivation."""
     w = weight.detach().to(torch.float64).requires_grad_(True)
     t = threshold.detach().to(torch.float64).requires_grad_(True)
     p = spec_masked_weight(w, t)
@@ -137,11 +137,11 @@ def row_length(weight: torch.Tensor) -> int:
     return max(1, weight[0].numel()) if weight.shape[0] else 1
 
 
-# ----------------------------------------------------------------------------- SPEC 4
+# ----------------------------------------------------------------------------- docs/maths.md section 4
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
-    """SPEC section 4: ``||actual - expected|| <= tol * ||expected||``; NaN never passes.
+    """docs/maths.md section 4: ``||actual - expected|| <= tol * ||expected||``; NaN never passes.
 
     Both are compared in float64. When the reference is exactly zero the actual value must be
     exactly zero too.

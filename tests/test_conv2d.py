@@ -46,7 +46,7 @@ def test_dst_conv2d_op_matches_spec(case, channels_last, device):
     y, masked, t_eff = torch.ops.dst_kernels.dst_conv2d(*leaves, *args, None)
     grad_y = torch.randn(y.shape, dtype=torch.float64)
     gx, gw, gt, gb = torch.autograd.grad(y, leaves, grad_y.to(device))
-    # SPEC: P from the re-derivation, then plain autograd through conv2d.
+    # docs/maths.md: P from the re-derivation, then plain autograd through conv2d.
     w64 = weight.contiguous().requires_grad_(True)
     x64 = x.clone().requires_grad_(True)
     b64 = bias.clone().requires_grad_(True)

@@ -4,7 +4,7 @@ The row kernels (mask, weight gradient, CSR compression and product) are compile
 AVX-512, AVX2 and the baseline x86-64 instruction set; the environment variable picks
 one at the first call (csrc/include/dst/cpu_isa.h). Each variant runs in its own process
 here and is compared with the float64 re-derivation: masks exactly, values within the
-SPEC tolerances. ``.ci/run`` runs the whole suite a second time with ``portable``.
+tolerances of docs/maths.md section 4. ``.ci/run`` runs the whole suite a second time with ``portable``.
 """
 
 from __future__ import annotations

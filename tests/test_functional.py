@@ -1,4 +1,4 @@
-"""dst_kernels.functional: argument checks (SPEC section 3) and backend dispatch."""
+"""dst_kernels.functional: argument checks (docs/maths.md section 3) and backend dispatch."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_dst_linear_op_matches_spec(x_shape, n, with_bias, device):
     y, masked, t_eff = torch.ops.dst_kernels.dst_linear(*leaves, b, None)
     assert not masked.requires_grad and not t_eff.requires_grad
     grads = torch.autograd.grad(y, leaves + ([b] if with_bias else []), grad_y.to(device))
-    # The SPEC re-derivation: P, then plain autograd through linear.
+    # The re-derivation of docs/maths.md section 1: P, then plain autograd through linear.
     p, gw_ref, gt_ref = rederive(weight, threshold, grad_y.reshape(-1, n).t() @ x.reshape(-1, k))
     y_ref = torch.nn.functional.linear(x, p, bias)
     assert torch.equal(masked.cpu(), p)
@@ -89,7 +89,7 @@ TRITON = triton_test
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("x_shape, n", [((1, 1), 1), ((5, 13), 7), ((2, 3, 31), 17), ((37, 40), 19)])
 def test_triton_linear_matches_spec(x_shape, n, with_bias, dtype):
-    """Forward and all four gradients against SPEC's re-derivation (float64)."""
+    """Forward and all four gradients against the re-derivation (docs/maths.md section 1) (float64)."""
 
     k = x_shape[-1]
     weight, threshold = make_case((n, k), dtype)

@@ -1,4 +1,4 @@
-"""The mask op family: ``dst_kernels::dst_mask`` (native) against the reference and SPEC."""
+"""The mask op family: ``dst_kernels::dst_mask`` (native) against the reference and docs/maths.md."""
 
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ def test_conv2d_native_matches_reference(cfg, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_conv2d_native_low_precision_matches_reference(groups, channels_last, dtype, device):
-    """Whole layers in fp32 / bf16 / fp16 (no autocast): same mask, values within SPEC tolerances."""
+    """Whole layers in fp32 / bf16 / fp16 (no autocast): same mask, values within the tolerances
+    of docs/maths.md section 4."""
     weight, threshold = make_case((6, 9 // groups, 3, 3), dtype)
     x = torch.randn(2, 9, 7, 5, dtype=torch.float64).to(dtype)
     bias = torch.randn(6, dtype=torch.float64).to(dtype)

@@ -1,4 +1,4 @@
-"""DST layers, sparsify, sparsity_loss, sparsity_report and export.fold (SPEC section 3)."""
+"""DST layers, sparsify, sparsity_loss, sparsity_report and export.fold (docs/maths.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reference backend (dst_kernels.reference) against SPEC section 1, re-derived in float64."""
+"""The reference backend (dst_kernels.reference) against docs/maths.md section 1, re-derived in float64."""
 
 from __future__ import annotations
 

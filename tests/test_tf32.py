@@ -3,7 +3,7 @@
 Every backend follows the switches PyTorch's own kernels follow: float32 GEMMs use TF32 inputs
 when ``torch.backends.cuda.matmul.allow_tf32`` is on (``set_float32_matmul_precision("high")``),
 convolutions when ``torch.backends.cudnn.allow_tf32`` is on. The tests pin both off unless marked
-``tf32``; the CUDA tests below turn them on and compare with SPEC's TF32 tolerance.
+``tf32``; the CUDA tests below turn them on and compare with the TF32 tolerance of docs/maths.md section 4.
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def test_tf32_marked_tests_allow_tf32():
 
 def test_triton_precision_follows_pytorchs_switches(monkeypatch):
     pytest.importorskip("triton", reason="the Triton backend needs triton")
-    linear_mod = importlib.import_module("dst_kernels.triton.linear")
-    monkeypatch.setattr(linear_mod, "interpreting", lambda: False)
+    gemm_mod = importlib.import_module("dst_kernels.triton._gemm")
+    monkeypatch.setattr(gemm_mod, "interpreting", lambda: False)
     for matmul, cudnn in [(False, False), (True, False), (False, True), (True, True)]:
         # Plain assignments: the autouse _fp32_precision fixture restores both afterwards.
         torch.backends.cuda.matmul.allow_tf32 = matmul
         torch.backends.cudnn.allow_tf32 = cudnn
-        assert linear_mod._precision(torch.float32) == ("tf32" if matmul else "ieee")
-        assert linear_mod._precision(torch.float32, conv=True) == ("tf32" if cudnn else "ieee")
+        assert gemm_mod.precision(torch.float32) == ("tf32" if matmul else "ieee")
+        assert gemm_mod.precision(torch.float32, conv=True) == ("tf32" if cudnn else "ieee")
         for dtype in (torch.float16, torch.bfloat16, torch.float64):
-            assert linear_mod._precision(dtype) == "ieee"
+            assert gemm_mod.precision(dtype) == "ieee"
 
 
 def _linear_case(m=256, k=512, n=384):

@@ -15,7 +15,7 @@ import torch
 from test_train import run_cli, write_cifar, write_mnist
 
 import dst_kernels as dst
-from dst_kernels.train import cli, data
+from dst_kernels.train import cli, data, datasets
 from dst_kernels.train.models import MODELS, VGG16_CFG, build_model, count_parameters
 
 
@@ -30,7 +30,7 @@ def _torchvision():
 
 TV = _torchvision()
 needs_torchvision = pytest.mark.skipif(
-    TV is None, reason="torchvision does not import here (optional extra dst_kernels[train])"
+    TV is None, reason="torchvision does not import here (optional extra dst_kernels[imagenet])"
 )
 
 
@@ -216,7 +216,7 @@ def test_imagenet_without_torchvision_names_the_extra(tmp_path, capsys, monkeypa
         capsys, "--dataset", "imagenet", "--data-dir", tmp_path / "data", "--out", tmp_path / "r"
     )
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert "needs torchvision" in err and "pip install 'dst_kernels[train]'" in err
+    assert "needs torchvision" in err and "pip install 'dst_kernels[imagenet]'" in err
 
 
 def test_imagenet_folder_layout_errors(tmp_path, capsys):
@@ -231,7 +231,7 @@ def test_imagenet_folder_layout_errors(tmp_path, capsys):
 def test_image_folder_pipeline(tmp_path):
     pytest.importorskip("PIL", reason="Pillow writes the test images")
     write_image_folder(tmp_path)
-    source = data.load_dataset("imagenet", cli.parser().parse_args(["--data-dir", str(tmp_path)]))
+    source = datasets.load_dataset("imagenet", cli.parser().parse_args(["--data-dir", str(tmp_path)]))
     assert source.num_classes == 3 and len(source.train) == 12 and len(source.test) == 6
     key = data.BatchKey(7, [0, 5, 11])
     x, y = source.train.__getitems__(key)

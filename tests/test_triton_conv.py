@@ -1,4 +1,5 @@
-"""The Triton implicit-GEMM conv2d (``dst_kernels.triton.conv2d_igemm``) against SPEC's re-derivation."""
+"""The Triton implicit-GEMM conv2d (``dst_kernels.triton.conv2d_igemm``) against the re-derivation
+of docs/maths.md section 1."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_igemm_conv_matches_spec(case, dtype, channels_last):
     assert y.dtype == dtype and y.is_contiguous(memory_format=_fmt(channels_last))
     grad_y = torch.randn(y.shape, dtype=torch.float64)
     grads = torch.autograd.grad(y, leaves, grad_y.to(dtype).to(DEVICE))
-    # SPEC: P from the re-derivation, then plain autograd through conv2d in float64.
+    # docs/maths.md: P from the re-derivation, then plain autograd through conv2d in float64.
     p_mask = ref.mask(weight.double(), threshold.double())
     x64 = x.double().requires_grad_(True)
     p64 = (weight.double() * p_mask).requires_grad_(True)

@@ -16,7 +16,9 @@ from dst_kernels import functional as DF
 pytest.importorskip("triton", reason="the Triton backend needs triton")
 mask_mod = importlib.import_module("dst_kernels.triton.mask")
 linear_mod = importlib.import_module("dst_kernels.triton.linear")
-conv_mod = importlib.import_module("dst_kernels.triton.conv")
+conv_mod = importlib.import_module("dst_kernels.triton.conv2d")
+runtime_mod = importlib.import_module("dst_kernels.triton._runtime")
+gemm_mod = importlib.import_module("dst_kernels.triton._gemm")
 
 TRITON = triton_test
 
@@ -24,22 +26,22 @@ TRITON = triton_test
 @pytest.mark.parametrize("rows, cols", [(1, 5_000_000), (300_000, 300), (7, 13)])
 def test_elementwise_grid_is_one_dimensional_and_fits(rows, cols):
     # A 1 x 5M weight needed 78125 column blocks on grid y (limit 65535) before.
-    grid = mask_mod._grid(rows, cols)
+    grid = runtime_mod.grid(rows, cols)
     assert len(grid) == 1 and 1 <= grid[0] <= 2**31 - 1
-    row_blocks, col_blocks = mask_mod._blocks(rows, cols)
+    row_blocks, col_blocks = runtime_mod.blocks(rows, cols)
     assert grid[0] == row_blocks * col_blocks
 
 
 def test_elementwise_grid_too_large_is_a_clear_error():
     with pytest.raises(ValueError, match=r"weight of shape \[1048576, 4194304\].*backend='native'"):
-        mask_mod._grid(2**20, 2**22)
+        runtime_mod.grid(2**20, 2**22)
 
 
 @pytest.mark.parametrize("m, n, k", [(2**31, 5, 5), (5, 2**31, 5), (5, 5, 2**31)])
 def test_gemm_sizes_past_int32_are_a_clear_error(m, n, k):
     with pytest.raises(ValueError, match=r"supports .* < 2\*\*31 - 256.*backend='native'"):
-        linear_mod.check_gemm_sizes(m, n, k)
-    linear_mod.check_gemm_sizes(2**31 - 257, 5, 5)  # just inside: no error
+        gemm_mod.check_gemm_sizes(m, n, k)
+    gemm_mod.check_gemm_sizes(2**31 - 257, 5, 5)  # just inside: no error
 
 
 @pytest.mark.parametrize("module", [linear_mod, conv_mod])
@@ -79,6 +81,6 @@ def test_linear_with_a_transposed_input():
 
 
 def test_gemm_grid_past_cuda_limit_is_a_clear_error():
-    assert linear_mod.programs(3, 5) == 15
+    assert gemm_mod.programs(3, 5) == 15
     with pytest.raises(ValueError, match=r"needs 4294967296 Triton programs \(65536 x 65536 blocks\)"):
-        linear_mod.programs(65536, 65536)
+        gemm_mod.programs(65536, 65536)

@@ -1,4 +1,4 @@
-"""The weight-gradient op family: ``dst_kernels::dst_weight_grad`` against SPEC and the reference."""
+"""The weight-gradient op family: ``dst_kernels::dst_weight_grad`` against docs/maths.md and the reference."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_rel, make_case, rederive, row_length, tol_for
+from conftest import DEVICES, assert_close_rel, make_case, make_generator, rederive, row_length, tol_for
 
+import dst_kernels as dst
 from dst_kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +32,7 @@ def test_weight_grad_matches_spec(shape, dtype, device):
     _, ew, et = rederive(weight, threshold, grad)
     tol = tol_for(dtype)
     assert_close_rel(gw, ew, tol, "dW")
-    # dt is a row reduction: the tolerance grows with the row length (SPEC 4).
+    # dt is a row reduction: the tolerance grows with the row length (docs/maths.md section 4).
     assert_close_rel(gt, et, tol * max(1.0, row_length(weight) ** 0.5), "dt")
     # Against the reference implementation (same precision): dW agrees element for element.
     rw, rt = ref.weight_grad(grad, weight, threshold)
@@ -122,3 +123,35 @@ def test_opcheck_dst_weight_grad_inplace():
     weight, threshold = make_case((7, 13), torch.float32)
     grad = torch.randn(7, 13)
     torch.library.opcheck(torch.ops.dst_kernels.dst_weight_grad_.default, (grad, weight, threshold))
+
+
+def _estimator_inputs(dtype: torch.dtype) -> torch.Tensor:
+    g = make_generator()
+    special = [-2.0, -1.0, -0.7, -0.4, -0.1, -0.0, 0.0, 0.1, 0.4, 0.5, 1.0, 2.0, 1e-30, -1e30]
+    x = torch.cat(
+        [
+            torch.tensor(special, dtype=torch.float64),
+            torch.linspace(-1.5, 1.5, 30001, dtype=torch.float64),
+            torch.randn(40000, generator=g, dtype=torch.float64),  # > one parallel_for grain
+        ]
+    ).to(dtype)
+    # The neighbours of the breakpoints in this dtype.
+    bps = torch.tensor([-1.0, -0.4, 0.4, 1.0], dtype=dtype)
+    near = torch.cat([torch.nextafter(bps, bps * 2), torch.nextafter(bps, bps * 0), bps])
+    return torch.cat([x, near])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_estimator_at_its_breakpoints_matches_the_reference_exactly(dtype):
+    """``H`` of the shared kernel maths (csrc/include/dst/estimator.h) at and next to its
+    breakpoints +-0.4 and +-1, through the native weight-gradient pass: Q = |W| - t with t = 0
+    and G = 1, so dW = M + |W| H(|W|) elementwise, exactly as the reference computes it."""
+    if "native" not in dst.available_backends("cpu"):
+        pytest.skip("the native extension is not built")
+    x = _estimator_inputs(dtype)
+    weight = x.reshape(1, -1).contiguous()
+    threshold = torch.zeros(1, dtype=dtype)
+    grad = torch.ones_like(weight)
+    dw, dt = torch.ops.dst_kernels.dst_weight_grad(grad, weight, threshold)
+    ref_dw, _ = ref.weight_grad(grad, weight, threshold)
+    assert torch.equal(dw, ref_dw)

@@ -3,9 +3,9 @@
 //
 //   dst_sparse_mask(W, t, transpose)   CSR of P (or of P^T), int32 indices
 //   dst_sparse_mm(x, crow, col, val, b) y = x A^T + b for a CSR matrix A
-//   dst_linear (CPU)                   mask pass; below the density crossover y = x P^T
-//                                      from the CSR built off the mask pass's row counts
-//   dst_linear_grad_input (CPU)        dX = dY P; below the crossover from P^T in CSR
+//   sparse::product_from_counts        y = x P^T (or x P) from the CSR built off the mask
+//                                      pass's row counts: the sparse path of the CPU
+//                                      dst_linear kernels (csrc/cpu/linear.cpp)
 //
 // The product tiles the rows of x (tokens) by NB: a tile of x is packed transposed
 // (K x NB, opmath type) into a per-thread buffer that stays in L2, and every output
@@ -699,79 +699,33 @@ Tensor dst_sparse_mm_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
   return y;
 }
 
-// dst_linear on the CPU: the mask pass (P, t_eff, and the kept count of every row); below
-// the crossover the CSR of P from those counts and y = x P^T + b from it, else ATen's GEMM.
-std::tuple<Tensor, Tensor, Tensor> dst_linear_cpu(const Tensor& x, const Tensor& weight,
-                                                  const Tensor& threshold,
-                                                  const std::optional<Tensor>& bias,
-                                                  std::optional<double> min_density) {
-  TORCH_CHECK(weight.dim() == 2, "dst_linear: weight must be 2-D [out, in], got ", weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "dst_linear: x must have ",
-              weight.size(1), " features in its last dimension, got ", x.sizes());
-  check_weight_threshold("dst_linear", weight, threshold);
-  const int64_t rows = weight.size(0);
-  const int64_t cols = weight.size(1);
-  Tensor masked = at::empty_like(weight);
-  Tensor t_eff = threshold.contiguous().clone();
-  std::vector<int64_t> counts(rows);
-  const int64_t kept = cpu::mask_into(weight, min_density, masked, t_eff, counts.data());
-  const bool has_bias = bias.has_value() && bias->defined();
-  const bool plain = x.scalar_type() == weight.scalar_type() &&
-                     (!has_bias || (bias->scalar_type() == weight.scalar_type() &&
-                                    bias->dim() == 1 && bias->size(0) == rows));
-  const int64_t tokens = x.numel() / cols;
-  if (!plain || x.numel() == 0 || !take_sparse(kept, tokens, cols, rows)) {
-    return {at::linear(x, masked, bias), masked, t_eff};
-  }
+}  // namespace
+
+namespace sparse {
+
+bool take(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
+  return take_sparse(kept, tokens, in, out);
+}
+
+Tensor product_from_counts(const Tensor& x, const Tensor& weight, const Tensor& t,
+                           const int64_t* counts, const std::optional<Tensor>& bias,
+                           bool transpose) {
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_linear", [&] {
-        const Compressed c =
-            csr_from_counts<scalar_t>(weight, t_eff.const_data_ptr<scalar_t>(), counts.data());
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_sparse_product", [&] {
+        Compressed c = csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts);
+        if (transpose) {
+          c = transposed<scalar_t>(c, weight.size(0), weight.numel() / weight.size(0));
+        }
         y = dst_sparse_mm_cpu(x, c.crow, c.col, c.val, bias);
       });
-  return {y, masked, t_eff};
+  return y;
 }
 
-// dX = dY P. The mask pass (P and the kept count of every row, as in the forward); below
-// the crossover dX comes from the CSR of P^T (the CSR of P transposed), else from ATen's
-// GEMM with P.
-Tensor dst_linear_grad_input_cpu(const Tensor& grad_y, const Tensor& weight,
-                                 const Tensor& threshold) {
-  TORCH_CHECK(weight.dim() == 2, "dst_linear_grad_input: weight must be 2-D [out, in], got ",
-              weight.sizes());
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0),
-              "dst_linear_grad_input: grad_y must have ", weight.size(0),
-              " features in its last dimension, got ", grad_y.sizes());
-  check_weight_threshold("dst_linear_grad_input", weight, threshold);
-  const int64_t rows = weight.size(0);
-  const int64_t cols = weight.size(1);
-  Tensor masked = at::empty_like(weight);
-  Tensor t = threshold.contiguous().clone();
-  std::vector<int64_t> counts(rows);
-  const int64_t kept = cpu::mask_into(weight, std::nullopt, masked, t, counts.data());
-  const int64_t tokens = grad_y.numel() / rows;
-  if (grad_y.scalar_type() != weight.scalar_type() || grad_y.numel() == 0 ||
-      !take_sparse(kept, tokens, cols, rows)) {
-    return grad_y.matmul(masked);
-  }
-  Tensor grad_x;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_linear_grad_input", [&] {
-        const Compressed c = transposed<scalar_t>(
-            csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts.data()), rows,
-            cols);
-        grad_x = dst_sparse_mm_cpu(grad_y, c.crow, c.col, c.val, std::nullopt);
-      });
-  return grad_x;
-}
-
-}  // namespace
+}  // namespace sparse
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {
   m.impl("dst_sparse_mask", &dst::dst_sparse_mask_cpu);
   m.impl("dst_sparse_mm", &dst::dst_sparse_mm_cpu);
-  m.impl("dst_linear", &dst::dst_linear_cpu);
-  m.impl("dst_linear_grad_input", &dst::dst_linear_grad_input_cpu);
 }

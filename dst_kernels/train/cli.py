@@ -30,13 +30,14 @@ import torch
 import dst_kernels as dst
 from dst_kernels.train import data as D
 from dst_kernels.train import dist as DIST
+from dst_kernels.train.datasets import DATASETS, load_dataset
 from dst_kernels.train.loop import Interrupted, RunConfig, StopFlag, Trainer
 from dst_kernels.train.models import MODELS, build_model, count_parameters, input_problem
 from dst_kernels.train.plots import plot_accuracy, plot_density, plot_layer_bars
 
 __all__ = ["RECIPES", "main", "parser"]
 
-# Recipe defaults per data set: the paper's (SPEC section 1). mnist5k retunes epochs and alpha
+# Recipe defaults per data set: the paper's (docs/maths.md section 1). mnist5k retunes epochs and alpha
 # for the 4000-image bundled sample (63 steps per epoch instead of 938; README: "alpha").
 RECIPES = {
     "mnist5k": dict(
@@ -107,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
         prog="dst-train",
         description="Train a network dense and with Dynamic Sparse Training (trainable masked layers).",
     )
-    p.add_argument("--dataset", default="mnist5k", choices=sorted(D.DATASETS))
+    p.add_argument("--dataset", default="mnist5k", choices=sorted(DATASETS))
     p.add_argument("--data-dir", default=None, help="folder holding the data set files (or a parent)")
     p.add_argument(
         "--model",
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None, *, on_step=None) -> int:
             ctx.barrier()
             os.makedirs(args.out, exist_ok=True)
             try:
-                source = D.load_dataset(args.dataset, args)
+                source = load_dataset(args.dataset, args)
             except FileNotFoundError as e:
                 raise D.UsageError(str(e)) from None
             run = _Run(args, source, on_step=on_step)

@@ -6,7 +6,7 @@
 * ``cifar10``: the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``) under
   ``--data-dir``; training batches get the paper's pad-4 random crop and horizontal flip.
 * ``imagenet``: an ImageFolder (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) read with
-  torchvision's datasets and transforms (``pip install dst_kernels[train]``); see
+  torchvision's datasets and transforms (``pip install dst_kernels[imagenet]``); see
   :mod:`dst_kernels.train.imagenet`.
 
 ``--data-dir`` may name the folder holding the files or any parent of it in
@@ -27,7 +27,7 @@ import os
 import pickle
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DATASETS",
     "BatchKey",
     "DataError",
     "DataSource",
@@ -43,7 +42,6 @@ __all__ = [
     "UsageError",
     "EpochBatchSampler",
     "InMemoryDataset",
-    "load_dataset",
     "make_loader",
     "read_idx",
 ]
@@ -484,23 +482,3 @@ def load_cifar10(data_dir: str | None) -> DataSource:
         (3, 32, 32),
         eval_batch_size=500,
     )
-
-
-def _load_imagenet(args) -> DataSource:
-    from dst_kernels.train.imagenet import load_imagenet
-
-    return load_imagenet(args.data_dir)
-
-
-DATASETS: dict[str, Callable[..., DataSource]] = {
-    "mnist5k": lambda args: load_mnist5k(seed=args.seed),
-    "mnist": lambda args: load_mnist(args.data_dir),
-    "cifar10": lambda args: load_cifar10(args.data_dir),
-    "imagenet": _load_imagenet,
-}
-
-
-def load_dataset(name: str, args) -> DataSource:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](args)

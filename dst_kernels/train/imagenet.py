@@ -6,7 +6,7 @@ images get ``RandomResizedCrop(224)`` and a horizontal flip, validation images
 ``Resize(256)`` and ``CenterCrop(224)``; both are normalised with the ImageNet channel
 statistics. Images are decoded with Pillow (torchvision's default loader).
 
-torchvision is an optional extra (``pip install dst_kernels[train]``); without it an
+torchvision is an optional extra (``pip install dst_kernels[imagenet]``); without it an
 ImageNet run stops with :class:`~dst_kernels.train.data.MissingExtra`.
 """
 
@@ -34,7 +34,7 @@ def torchvision_or_error():
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MissingExtra(
             "--dataset imagenet needs torchvision, which does not import here "
-            f"({reason}): pip install 'dst_kernels[train]' (a torchvision built for torch "
+            f"({reason}): pip install 'dst_kernels[imagenet]' (a torchvision built for torch "
             f"{torch.__version__})"
         ) from None
     return torchvision

@@ -101,6 +101,15 @@ class VGG16(nn.Module):
         x = F.avg_pool2d(self.feature(x), 2)
         return self.classifier(torch.flatten(x, 1))
 
+    def compact_chain(self) -> list[tuple[str, nn.Module]]:
+        """The forward as a chain, for ``dst_kernels.export.compact``."""
+        return [
+            ("feature", self.feature),
+            ("forward: avg_pool2d(2)", nn.AvgPool2d(2)),
+            ("forward: flatten(1)", nn.Flatten()),
+            ("classifier", self.classifier),
+        ]
+
 
 class _WideBasic(nn.Module):
     """Pre-activation basic block of the official code's WideResNet (dropout 0)."""
@@ -244,8 +253,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "lenet300": ModelSpec(lenet_300_100, 1, (28, 28), family="MNIST"),
     "lenet5": ModelSpec(lenet_5_caffe, 1, (28, 28), family="MNIST"),
-    # SPEC section 1: the LSTMs' gate matrices are masked, the final classifier is dense.
-    # SPEC section 1 and the official mnist_lstm/model/lstm.py: two stacked LSTM layers.
+    # docs/maths.md section 1: the LSTMs' gate matrices are masked, the final classifier is dense.
+    # docs/maths.md section 1 and the official mnist_lstm/model/lstm.py: two stacked LSTM layers.
     "lstm_a": ModelSpec(partial(RowLSTM, 128, num_layers=2), 1, (28, 28), exclude=("fc",), family="MNIST"),
     "lstm_b": ModelSpec(partial(RowLSTM, 256, num_layers=2), 1, (28, 28), exclude=("fc",), family="MNIST"),
     "vgg16": ModelSpec(VGG16, 3, (32, 32), family="CIFAR"),

@@ -20,10 +20,13 @@ import sys
 def _kernels(all_configs: bool):
     import triton.language as tl
 
+    gemm = importlib.import_module("dst_kernels.triton._gemm")
+    runtime = importlib.import_module("dst_kernels.triton._runtime")
     linear = importlib.import_module("dst_kernels.triton.linear")
     mask = importlib.import_module("dst_kernels.triton.mask")
-    conv = importlib.import_module("dst_kernels.triton.conv")
-    configs = linear._configs() if all_configs else linear._configs()[:1]
+    weight_grad = importlib.import_module("dst_kernels.triton.weight_grad")
+    conv = importlib.import_module("dst_kernels.triton.conv2d")
+    configs = gemm.configs() if all_configs else gemm.configs()[:1]
     for dtype in ("fp32", "fp16", "bf16"):
         precision = "tf32" if dtype == "fp32" else "ieee"
         for cfg in configs:
@@ -32,8 +35,9 @@ def _kernels(all_configs: bool):
                 if "HAS_BIAS" in kernel.fn.arg_names:
                     constexprs["HAS_BIAS"] = True
                 yield kernel.fn, dtype, constexprs
-        yield mask._mask_kernel, dtype, dict(WRITE=True, BR=mask.BLOCK_R, BC=mask.BLOCK_C)
-        yield mask._weight_grad_kernel, dtype, dict(ACC=tl.float32, BR=mask.BLOCK_R, BC=mask.BLOCK_C)
+        blocks = dict(BR=runtime.BLOCK_R, BC=runtime.BLOCK_C)
+        yield mask._mask_kernel, dtype, dict(WRITE=True, **blocks)
+        yield weight_grad._weight_grad_kernel, dtype, dict(ACC=tl.float32, **blocks)
     yield mask._reset_kernel, "fp32", dict(BLOCK=1024)
 
 

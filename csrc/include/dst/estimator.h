@@ -1,4 +1,4 @@
-// Per-element DST maths shared by the CPU and CUDA kernels (SPEC section 1).
+// Per-element DST maths shared by the CPU and CUDA kernels (docs/maths.md section 1).
 #pragma once
 
 #include <cmath>
@@ -33,7 +33,7 @@ DST_HOST_DEVICE T keep(T w, T t) {
   return static_cast<T>(abs_value(w) > t);
 }
 
-// The reset rule's test (SPEC section 1): a layer keeping kept of numel weights
+// The reset rule's test (docs/maths.md section 1): a layer keeping kept of numel weights
 // is reset when kept <= min_density * numel, evaluated in float64.
 DST_HOST_DEVICE bool reset_due(long long kept, long long numel, double min_density) {
   return static_cast<double>(kept) <= min_density * static_cast<double>(numel);

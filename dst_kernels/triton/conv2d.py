@@ -18,18 +18,20 @@ benchmark suite's ``triton-igemm`` implementation on a GPU.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dst_kernels._checks import check_conv2d_args, check_min_density
-from dst_kernels.triton.linear import _acc, _configs, _precision, _prune, check_gemm_sizes, programs
-from dst_kernels.triton.mask import check_first_order, masked_weight, reset_
+from dst_kernels.triton._gemm import acc_type, check_gemm_sizes, configs, precision, programs, prune
+from dst_kernels.triton._runtime import check_first_order
+from dst_kernels.triton.mask import masked_weight, reset_
 
-__all__ = ["conv2d_igemm"]
+__all__ = ["conv2d", "conv2d_igemm"]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def _igemm_fwd_kernel(
     x_ptr,
@@ -181,8 +183,8 @@ def _igemm_op(
         dilation[0],
         dilation[1],
         HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype, conv=True),
-        ACC=_acc(x.dtype),
+        PRECISION=precision(x.dtype, conv=True),
+        ACC=acc_type(x.dtype),
     )
     return y
 
@@ -251,3 +253,8 @@ def conv2d_igemm(
     return torch.ops.dst_kernels.triton_conv2d_igemm(
         x, weight, threshold, bias, list(stride), list(padding), list(dilation), groups
     )
+
+
+def conv2d(x, weight, threshold, bias, stride, padding, dilation, groups, min_density=None):
+    """The Triton mask and estimator kernels around ATen's convolution."""
+    return F.conv2d(x, masked_weight(weight, threshold, min_density), bias, stride, padding, dilation, groups)

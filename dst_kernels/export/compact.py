@@ -13,7 +13,8 @@ The next layer loses the matching inputs; BatchNorm between the two loses the ch
 pass repeats until nothing changes (a removal can empty other rows or columns).
 
 It works on chains whose order of execution is known: ``nn.Sequential`` (nested ones
-too) and the models of ``dst-train`` that are chains (``lenet300``, ``lenet5``, ``vgg16``).
+too) and models that state their chain with ``compact_chain()`` (``dst-train``'s ``vgg16``;
+its ``lenet300`` and ``lenet5`` are ``nn.Sequential``).
 Between two layers it accepts element-wise activations, dropout, BatchNorm1d/2d (running
 statistics), max / average / adaptive pooling and ``nn.Flatten``; anything else there, a
 non-chain model (residual blocks, RNNs), grouped convolutions, or a Linear feeding a conv
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dst_kernels.export.fold import fold
 
 __all__ = ["compact"]
 
@@ -80,23 +83,26 @@ def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
 
 
 def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's modules in the order its forward runs them, or TypeError."""
+    """The model's modules in the order its forward runs them, or TypeError.
+
+    An ``nn.Sequential`` is its own chain. Any other model can state its chain with a method
+    ``compact_chain()`` returning ``(name, module)`` pairs in the order of its forward (nested
+    ``nn.Sequential`` entries are flattened; what the forward computes between its modules is
+    given as an equivalent module, e.g. ``("forward: flatten(1)", nn.Flatten())``), as
+    ``dst-train``'s VGG-16 does."""
     if isinstance(model, nn.Sequential):
         return _leaves(model)
-    from dst_kernels.train import models as train_models  # the CLI's chain-shaped models
-
-    vgg = getattr(train_models, "VGG16", None)
-    if vgg is not None and type(model) is vgg:
-        # forward: feature -> avg_pool2d(2) -> flatten(1) -> classifier
-        return (
-            _leaves(model.feature, "feature")
-            + [("forward: avg_pool2d(2)", nn.AvgPool2d(2)), ("forward: flatten(1)", nn.Flatten())]
-            + _leaves(model.classifier, "classifier")
-        )
+    chain = getattr(model, "compact_chain", None)
+    if callable(chain):
+        out = []
+        for name, module in chain():
+            out += _leaves(module, name)
+        return out
     raise TypeError(
-        f"compact supports nn.Sequential chains and dst-train's chain models (lenet300, lenet5, "
-        f"vgg16); it cannot follow the forward of {type(model).__name__} (residual connections, "
-        f"RNNs and custom forwards are not analysed). Use dst.export.fold(model) for those."
+        f"compact supports nn.Sequential chains and models with a compact_chain() method (as "
+        f"dst-train's lenet300, lenet5 and vgg16); it cannot follow the forward of "
+        f"{type(model).__name__} (residual connections, RNNs and custom forwards are not "
+        f"analysed). Use dst.export.fold(model) for those."
     )
 
 
@@ -276,8 +282,6 @@ def compact(model: nn.Module) -> nn.Module:
     module between two layers that it cannot prove keeps units independent; see the module
     documentation for what is supported. ``model`` itself is left unchanged.
     """
-    from dst_kernels.export import fold
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     out = fold(model).eval()

@@ -1,9 +1,8 @@
-"""Drop-in DST layers and ``sparsify``.
+"""What every DST layer shares: thresholds, the reset rule, masks, dense conversion, and the
+rule that whoever reads a masked weight during a forward gets ``W * M``.
 
-``DSTLinear`` and ``DSTConv2d`` subclass ``nn.Linear`` / ``nn.Conv2d``: every
-constructor argument, ``reset_parameters`` and code that does
-``isinstance(m, nn.Conv2d)`` keep working. Each adds a trainable ``threshold``
-of shape ``[out]`` (initialised to 0); the forward uses ``W * (|W| > t)``.
+The layers themselves are in ``linear.py``, ``conv.py`` and ``rnn.py``; ``dst_kernels.nn``
+re-exports them. Nothing here imports a model-level tool (``convert``, ``export``, ...).
 """
 
 from __future__ import annotations
@@ -14,24 +13,22 @@ import weakref
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dst_kernels import functional as DF
-from dst_kernels.distributed import check_sharded_reset, full, is_dtensor, local_share
-from dst_kernels.regulariser import threshold_penalty
+from dst_kernels._dtensor import full, is_dtensor
+from dst_kernels.regulariser import layer_penalty
 
 __all__ = [
-    "DSTLinear",
-    "DSTConv2d",
-    "DSTLSTM",
-    "DSTGRU",
     "DSTLayer",
     "DSTStateDictWarning",
-    "sparsify",
     "is_dst_layer",
+    "layer_penalty",
+    "masked_along",
     "sparsity_loss",
     "threshold_parameters",
+    "unwatch_outside_reads",
+    "watch_outside_reads",
 ]
 
 
@@ -326,289 +323,6 @@ def masked_along(weight, threshold, axis: int, backend: str, min_density) -> tor
     return p.movedim(0, axis) if axis else p
 
 
-def layer_penalty(layer: DSTLayer) -> torch.Tensor:
-    """``sum exp(-t)`` over one DST layer's thresholds (under FSDP2, this rank's shards)."""
-    thresholds = layer.thresholds()
-    if any(is_dtensor(t) for t in thresholds):  # FSDP2: each rank adds its own shards' terms
-        check_sharded_reset(layer)
-        thresholds = [local_share(t) for t in thresholds]
-    return sum(threshold_penalty(t) for t in thresholds)
-
-
-class DSTLinear(DSTLayer, nn.Linear):
-    """``nn.Linear`` with a trainable per-output-row threshold (SPEC section 3)."""
-
-    _dst_base = nn.Linear
-    weight = _outside_read_attribute("weight")
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        min_density: float | None = 0.01,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_dst(min_density, backend)
-        self.threshold = self._new_threshold(self._parameters["weight"])
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self._parameters["weight"]
-        if input.numel() == 0:  # an empty batch: nn.Linear's answer's shape (the ops reject empty x)
-            p = DF.masked_weight(
-                weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
-            )
-            return F.linear(input, p, self.bias)
-        return DF.dst_linear(
-            input,
-            weight,
-            self.threshold,
-            self.bias,
-            backend=self.backend,
-            min_density=self._reset_bound(),
-        )
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, *, min_density=0.01, backend="auto") -> DSTLinear:
-        """A DSTLinear sharing nothing with ``linear`` but holding copies of its weights."""
-        w = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            min_density=min_density,
-            backend=backend,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        layer.load_state_dict(linear.state_dict())
-        layer.train(linear.training)
-        return layer
-
-
-class DSTConv2d(DSTLayer, nn.Conv2d):
-    """``nn.Conv2d`` with a trainable threshold per output channel (SPEC section 3)."""
-
-    _dst_base = nn.Conv2d
-    weight = _outside_read_attribute("weight")
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        min_density: float | None = 0.01,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self._init_dst(min_density, backend)
-        self.threshold = self._new_threshold(self._parameters["weight"])
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x, weight, padding = input, self._parameters["weight"], self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        if x.numel() == 0:  # an empty batch: nn.Conv2d's answer's shape (the ops reject empty x)
-            p = DF.masked_weight(
-                weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
-            )
-            return F.conv2d(x, p, self.bias, self.stride, padding, self.dilation, self.groups)
-        return DF.dst_conv2d(
-            x,
-            weight,
-            self.threshold,
-            self.bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            backend=self.backend,
-            min_density=self._reset_bound(),
-        )
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, min_density=0.01, backend="auto") -> DSTConv2d:
-        w = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            min_density=min_density,
-            backend=backend,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        layer.load_state_dict(conv.state_dict())
-        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-            layer.to(memory_format=torch.channels_last)
-        layer.train(conv.training)
-        return layer
-
-
-class _DSTRNN(DSTLayer):
-    """DST masks for the gate matrices of an ``nn.LSTM`` / ``nn.GRU``.
-
-    Every ``weight_*`` matrix gets a ``threshold_*`` vector of its row count. The masks
-    are computed once per forward, for all layers, and the masked weights run through
-    PyTorch's fused RNN.
-    """
-
-    def __init__(self, *args, min_density: float | None = 0.01, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_dst(min_density, backend)
-        self._init_rnn_thresholds()
-
-    def _init_rnn_thresholds(self) -> None:
-        pairs = []
-        for w_name in self._flat_weights_names:  # nn.RNNBase's order: per layer and direction
-            if w_name.startswith("weight_"):
-                t_name = "threshold_" + w_name.removeprefix("weight_")
-                self.register_parameter(t_name, self._new_threshold(self._parameters[w_name]))
-                pairs.append((w_name, t_name))
-        self._dst_pairs = tuple(pairs)
-
-    def __getattr__(self, name: str):
-        # nn.RNNBase keeps its weights in _parameters only: a read from outside the fused forward
-        # (see _OutsideReads) gets W * M while a watched forward runs, the Parameter otherwise.
-        if _OUTSIDE_READS.depth and any(w == name for w, _ in self.__dict__.get("_dst_pairs", ())):
-            return self._masked_read(name)
-        return super().__getattr__(name)
-
-    def forward(self, input, hx=None):
-        bound = self._reset_bound()
-        # The layer's own forward: its attributes are its Parameters (as FSDP2 has set them).
-        outer, _OUTSIDE_READS.depth = _OUTSIDE_READS.depth, 0
-        try:
-            masked = {
-                w: DF.masked_weight(
-                    getattr(self, w), getattr(self, t), backend=self.backend, min_density=bound
-                )
-                for w, t in self._dst_pairs
-            }
-            self._update_flat_weights()
-        finally:
-            _OUTSIDE_READS.depth = outer
-        dense = self._flat_weights
-        self._flat_weights = [masked.get(name, param) for name, param in zip(self._flat_weights_names, dense)]
-        try:
-            return super().forward(input, hx)
-        finally:
-            self._flat_weights = dense
-
-    def flatten_parameters(self) -> None:
-        # The RNN runs on masked copies of the weights; there is nothing to flatten.
-        return None
-
-
-class DSTLSTM(_DSTRNN, nn.LSTM):
-    """``nn.LSTM`` whose gate matrices are DST-masked (SPEC section 3).
-
-    Every ``weight_ih_l{k}`` / ``weight_hh_l{k}`` (``[4H, *]``) gets a threshold
-    ``threshold_ih_l{k}`` / ``threshold_hh_l{k}`` of shape ``[4H]``: one per unit
-    per gate; likewise ``*_reverse`` for a bidirectional LSTM and
-    ``threshold_hr_l{k}`` (``[proj_size]``) for the projections of one with
-    ``proj_size > 0``. The masks are computed once per forward, for all layers,
-    and the masked weights run through PyTorch's fused LSTM.
-    """
-
-    _dst_base = nn.LSTM
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        proj_size: int = 0,
-        *,
-        min_density: float | None = 0.01,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(
-            input_size,
-            hidden_size,
-            num_layers,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=dropout,
-            bidirectional=bidirectional,
-            proj_size=proj_size,
-            min_density=min_density,
-            backend=backend,
-            device=device,
-            dtype=dtype,
-        )
-
-    @classmethod
-    def from_dense(cls, lstm: nn.LSTM, *, min_density=0.01, backend="auto") -> DSTLSTM:
-        w = lstm.weight_ih_l0
-        layer = cls(
-            lstm.input_size,
-            lstm.hidden_size,
-            lstm.num_layers,
-            lstm.bias,
-            lstm.batch_first,
-            lstm.dropout,
-            lstm.bidirectional,
-            lstm.proj_size,
-            min_density=min_density,
-            backend=backend,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        layer.load_state_dict(lstm.state_dict())
-        layer.train(lstm.training)
-        return layer
-
-
-class DSTGRU(_DSTRNN, nn.GRU):
-    """``nn.GRU`` whose gate matrices (``[3H, *]``) are DST-masked, one threshold per row.
-
-    Takes ``nn.GRU``'s arguments plus ``min_density`` and ``backend`` (keywords).
-    ``sparsify(model, include=(..., nn.GRU))`` converts GRUs to it; it is not one of the
-    paper's layers.
-    """
-
-    _dst_base = nn.GRU
-
-
 def is_dst_layer(module: nn.Module) -> bool:
     return isinstance(module, DSTLayer)
 
@@ -630,7 +344,3 @@ def sparsity_loss(model: nn.Module) -> torch.Tensor:
     if not terms:
         raise ValueError("sparsity_loss: the model has no DST layers (use dst_kernels.sparsify)")
     return sum(terms[1:], terms[0])
-
-
-# sparsify lives in dst_kernels.convert (it builds on the classes above); re-exported here.
-from dst_kernels.convert import sparsify  # noqa: E402

@@ -1,4 +1,4 @@
-"""Turn a DST-trained model into a plain PyTorch model."""
+"""``fold`` and ``dense_state_dict``: a DST-trained model as plain PyTorch layers holding ``W * M``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import copy
 import torch
 from torch import nn
 
-from dst_kernels.compact import compact
-from dst_kernels.nn import is_dst_layer, unwatch_outside_reads
-from dst_kernels.sparse import SparseLinear, load_sparse, save_sparse, to_sparse
+from dst_kernels.nn.base import is_dst_layer, unwatch_outside_reads
 
-__all__ = ["compact", "fold", "dense_state_dict", "to_sparse", "save_sparse", "load_sparse", "SparseLinear"]
+__all__ = ["dense_state_dict", "fold"]
 
 
 def fold(model: nn.Module) -> nn.Module:

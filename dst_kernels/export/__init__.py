@@ -1,0 +1,13 @@
+"""Turn a DST-trained model into a plain PyTorch model, a smaller one, or a sparse one.
+
+``fold`` / ``dense_state_dict`` (``export/fold.py``), ``compact`` (``export/compact.py``),
+``to_sparse`` / ``SparseLinear`` / ``save_sparse`` / ``load_sparse`` (``export/sparse.py``).
+"""
+
+from __future__ import annotations
+
+from dst_kernels.export.compact import compact
+from dst_kernels.export.fold import dense_state_dict, fold
+from dst_kernels.export.sparse import SparseLinear, load_sparse, save_sparse, to_sparse
+
+__all__ = ["compact", "fold", "dense_state_dict", "to_sparse", "save_sparse", "load_sparse", "SparseLinear"]

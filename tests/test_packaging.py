@@ -1,0 +1,43 @@
+"""The core package needs torch only; the training command says which extra it needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import dst_kernels.train as train
+
+
+def test_the_library_imports_and_trains_without_the_train_extra():
+    script = textwrap.dedent(
+        """
+        import sys
+        for name in ("numpy", "tqdm", "matplotlib"):
+            sys.modules[name] = None  # `import name` raises ImportError
+        import torch
+        import dst_kernels as dst
+        layer = dst.DSTLinear(7, 5)
+        model = torch.nn.Sequential(layer, torch.nn.ReLU(), torch.nn.Linear(5, 2))
+        dst.sparsify(model)
+        loss = model(torch.randn(3, 7)).sum() + 1e-3 * dst.sparsity_loss(model)
+        loss.backward()
+        assert layer.threshold.grad is not None
+        dst.export.fold(model)
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_dst_train_names_the_extra_it_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(train, "missing_extra", lambda: ["tqdm", "matplotlib"])
+    assert train.main(["--help"]) == 2
+    err = capsys.readouterr().err
+    assert "dst-train needs tqdm, matplotlib (the train extra): pip install 'dst_kernels[train]'" in err
+
+
+def test_the_extra_lists_what_the_command_imports():
+    assert train.EXTRA == ("numpy", "tqdm", "matplotlib")
+    assert train.missing_extra() == []  # the test environment has the extra
