@@ -17,15 +17,17 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 def test_models_pickled_before_the_split_load_and_compute_the_same():
     saved = torch.load(FIXTURES / "dst_models_35d1e86.pt", weights_only=False)
-    model, mlp = saved["model"], saved["mlp"]
-    assert type(model.head) is dst.DSTLinear and type(model.rnn) is dst.DSTLSTM
-    assert dst.is_dst_layer(model.c1) and type(model.c1).__name__ == "DSTMaskedConv1d"
+    model, rnn, mlp = saved["model"], saved["rnn"], saved["mlp"]
+    assert type(model[0]) is dst.DSTConv2d and type(model[5]) is dst.DSTLinear
+    assert dst.is_dst_layer(model[3]) and type(model[3]).__name__ == "DSTMaskedConv1d"
+    assert type(rnn) is dst.DSTLSTM
     with torch.no_grad():
         assert_close_rel(model.eval()(saved["x"]), saved["y"], 1e-6, "sparsified model")
+        assert_close_rel(rnn.eval()(saved["xr"])[0], saved["yr"], 1e-6, "DSTLSTM")
         assert_close_rel(mlp.eval()(saved["xm"]), saved["ym"], 1e-6, "DST layers")
     # It trains as before (thresholds get gradients) and folds.
     model.train()(saved["x"]).sum().backward()
-    assert model.head.threshold.grad is not None
+    assert model[5].threshold.grad is not None and model[3].threshold.grad is not None
     dst.export.fold(model)
 
 
