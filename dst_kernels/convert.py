@@ -48,7 +48,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from dst_kernels import functional as DF
-from dst_kernels.nn.base import DSTLayer, is_dst_layer, masked_along, watch_outside_reads
+from dst_kernels.nn.base import DSTLayer, is_dst_layer, watch_outside_reads
 from dst_kernels.nn.conv import DSTConv2d
 from dst_kernels.nn.linear import DSTLinear
 from dst_kernels.nn.rnn import DSTGRU, DSTLSTM
@@ -167,12 +167,9 @@ class DSTMaskedModule(DSTLayer):
         return f"{super().extra_repr()}, masked=({names})"
 
 
-def _masked_attribute(w_name: str, t_name: str, axis: int) -> property:
+def _masked_attribute(w_name: str) -> property:
     def fget(self):
-        raw = self._parameters[w_name]
-        if raw is None:
-            return None
-        return masked_along(raw, self._parameters[t_name], axis, self.backend, self._reset_bound())
+        return None if self._parameters[w_name] is None else self._masked_read(w_name)
 
     return property(fget, doc=f"{w_name} * mask (computed; the Parameter is dense_weight({w_name!r}))")
 
@@ -184,7 +181,7 @@ def _masked_class(base: type, spec: tuple[tuple[str, str, int], ...]) -> type:
     key = (base, spec)
     cls = _CLASSES.get(key)
     if cls is None:
-        ns = {w: _masked_attribute(w, t, axis) for w, t, axis in spec}
+        ns = {w: _masked_attribute(w) for w, _, _ in spec}
         ns.update(
             _dst_base=base,
             _dst_spec=spec,

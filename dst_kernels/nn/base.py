@@ -289,12 +289,9 @@ def watch_outside_reads(module: nn.Module) -> None:
 def unwatch_outside_reads(module: nn.Module) -> None:
     """Remove the hooks of :func:`watch_outside_reads` (``fold`` does, on its copy)."""
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if hook is _enter_outside_reads or hook is _leave_outside_reads:
-                del hooks[key]
-        if hooks is module._forward_hooks:
-            for key in [k for k in module._forward_hooks_always_called if k not in hooks]:
-                del module._forward_hooks_always_called[key]
+        for key in [k for k, h in hooks.items() if h is _enter_outside_reads or h is _leave_outside_reads]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 def _outside_read_attribute(name: str) -> property:
