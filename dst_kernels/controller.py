@@ -61,7 +61,22 @@ class DensityController:
             a float for every DST layer, or a mapping from layer name (as in
             ``model.named_modules()``) to a float. A layer below its floor gets a smaller
             share of alpha (its own factor, at most 1, adapted like alpha) until it is
-            back above it.
+            back above it. Floors whose size-weighted mean is not below ``target`` leave
+            no way to reach it and raise ``ValueError``.
+        reset_bounds: how the layers' reset rule (``min_density``) is made compatible with
+            ``target``. The whole-model density cannot stay below the size-weighted mean
+            of the layers' bounds: a layer at its bound resets its thresholds to 0 and
+            jumps back to dense. ``"auto"`` (default) lowers every layer's ``min_density``
+            that is above ``target / 4`` to ``target / 4`` (so the auto floors, twice the
+            bound, are at most ``target / 2``), in place on the layers; the changes are in
+            :attr:`lowered_reset_bounds`. ``"keep"`` leaves them and raises ``ValueError``
+            when ``target`` is at or below that weighted mean.
+        max_error: the largest ``|log(density / setpoint)|`` the controller acts on
+            (default 0.5): a sudden density jump (a layer's reset sends it from its bound to
+            dense) counts as an error of at most this, so it moves alpha by at most
+            ``exp(damping * max_error)`` (a transient that goes when the density comes back)
+            and winds the integral up by at most ``gain * max_error`` per update, instead of
+            driving alpha by orders of magnitude.
         total_steps: the number of optimiser steps of the run, if known: the setpoint
             then ramps from 1 down to ``target`` (see :meth:`setpoint`).
         ramp: the fraction of ``total_steps`` the ramp takes (default 0.5).
@@ -87,6 +102,8 @@ class DensityController:
         floors: float | Mapping[str, float] | str | None = "auto",
         total_steps: int | None = None,
         ramp: float = 0.5,
+        reset_bounds: str = "auto",
+        max_error: float = 0.5,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -121,11 +138,20 @@ class DensityController:
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         self.total_steps = total_steps
         self.ramp = _positive_float("ramp", ramp, upper=1.0)
+        self.max_error = _positive_float("max_error", max_error)
         self._names = [n for n, _ in named]
         self._layers = [m for _, m in named]
         self._sizes = [m.total() for m in self._layers]
         self._total = float(sum(self._sizes))
+        self.lowered_reset_bounds = self._fit_reset_bounds(reset_bounds)
         self._floors = self._check_floors(floors)
+        if self._floors is not None:
+            least = float((self._floors * torch.tensor(self._sizes, dtype=torch.float64)).sum()) / self._total
+            if least >= self.target:
+                raise ValueError(
+                    f"floors keep the model at a density of at least {least:.4g} (their size-weighted "
+                    f"mean), not below target {self.target:g}: lower the floors or pass floors=None"
+                )
         device = next(iter(self._layers[0].parameters())).device
         self._log_alpha = torch.tensor(math.log(alpha), dtype=torch.float64, device=device)
         self._layer_log_scale = torch.zeros(len(self._layers), dtype=torch.float64, device=device)
@@ -140,6 +166,28 @@ class DensityController:
         self.updates = 0
 
     # ------------------------------------------------------------------ set-up
+
+    def _fit_reset_bounds(self, mode) -> dict[str, tuple[float, float]]:
+        if mode not in ("auto", "keep"):
+            raise ValueError(f"reset_bounds must be 'auto' or 'keep', got {mode!r}")
+        bounds = [getattr(m, "min_density", None) for m in self._layers]
+        if mode == "keep":
+            least = sum((b or 0.0) * n for b, n in zip(bounds, self._sizes)) / self._total
+            if self.target <= least:
+                raise ValueError(
+                    f"target {self.target:g} is at or below {least:.4g}, the size-weighted mean of the "
+                    "layers' reset bounds (min_density): a layer at its bound resets its thresholds "
+                    "to 0, so the model cannot stay at the target; pass reset_bounds='auto' (lowers "
+                    "each bound to target / 4) or build the layers with a smaller min_density"
+                )
+            return {}
+        lowered = {}
+        limit = self.target / 4.0
+        for name, layer, bound in zip(self._names, self._layers, bounds):
+            if bound is not None and bound > limit:
+                layer.min_density = limit
+                lowered[name] = (bound, limit)
+        return lowered
 
     def _check_floors(self, floors) -> torch.Tensor | None:
         if floors is None:
@@ -268,6 +316,7 @@ class DensityController:
         density = kept.sum() / self._total
         tiny = 1e-12
         error = density.clamp(min=tiny).log() - math.log(self.setpoint())
+        error = error.clamp(-self.max_error, self.max_error)
         # PI in velocity form: the integral term drives the error to 0; the proportional one
         # (on the change of the error) damps the lag between alpha and the density.
         # Too sparse is slower to undo than too dense (the regulariser only pushes thresholds

@@ -230,6 +230,7 @@ def test_load_state_dict_checks_the_layers():
         ({"floors": 1.5}, ValueError, "floors"),
         ({"total_steps": 0}, ValueError, "total_steps"),
         ({"ramp": 0.0}, ValueError, "ramp"),
+        ({"max_error": 0.0}, ValueError, "max_error"),
     ],
 )
 def test_bad_arguments_raise(kwargs, error, match):
@@ -248,3 +249,95 @@ def test_model_without_dst_layers_raises():
 
 def test_exported_at_the_top_level():
     assert dst.DensityController is DensityController
+
+
+def test_a_target_below_the_reset_bounds_lowers_them():
+    """The model cannot stay below the size-weighted mean of its layers' reset bounds (a layer
+    at its bound resets to dense): "auto" lowers every bound above target / 4 to target / 4."""
+    model = _net(min_density=0.01)
+    roomy = DensityController(model, 0.3)
+    assert roomy.lowered_reset_bounds == {} and model[0].min_density == 0.01
+    tight = DensityController(model, 0.02)
+    assert tight.lowered_reset_bounds == {"0": (0.01, 0.005), "2": (0.01, 0.005)}
+    assert model[0].min_density == model[2].min_density == 0.005
+    floors = tight.state_dict()  # the auto floors follow: twice the lowered bound
+    assert floors["layers"] == ["0", "2"]
+    assert torch.equal(tight._floors, torch.tensor([0.01, 0.01], dtype=torch.float64))
+    off = _net(min_density=None)
+    assert DensityController(off, 0.001).lowered_reset_bounds == {}
+
+
+def test_keeping_the_reset_bounds_refuses_a_target_at_or_below_them():
+    with pytest.raises(ValueError, match=r"target 0.01 is at or below 0.01.*reset bounds"):
+        DensityController(_net(min_density=0.01), 0.01, reset_bounds="keep")
+    model = _net(min_density=0.01)
+    kept = DensityController(model, 0.02, reset_bounds="keep", floors=None)
+    assert kept.lowered_reset_bounds == {} and model[0].min_density == 0.01
+    with pytest.raises(ValueError, match="reset_bounds"):
+        DensityController(_net(), 0.1, reset_bounds="lower")
+
+
+def test_floors_that_leave_no_room_for_the_target_raise():
+    with pytest.raises(ValueError, match="floors keep the model at a density of at least 0.2"):
+        DensityController(_net(), 0.1, floors=0.2)
+    with pytest.raises(ValueError, match="floors keep"):
+        DensityController(_net(), 0.01, reset_bounds="auto", floors=0.01)
+
+
+def test_a_density_jump_counts_as_an_error_of_at_most_max_error():
+    """A layer's reset sends its density from its bound to ~1 between two measurements, an
+    error of log(1 / bound). The controller acts on at most ``max_error`` of it, so one
+    update moves log(alpha) by at most gain * max_error + damping * (max_error - last error)."""
+    model = _net(min_density=None)
+    controller = DensityController(model, 0.5, alpha=1e-3, every=1, max_error=0.5, floors=None)
+    with torch.no_grad():
+        model[0].threshold.fill_(0.1)  # about the target's density
+        model[2].threshold.fill_(0.1)
+    controller.step()
+    last = controller.state_dict()["error"].item()
+    assert abs(last) < 0.5  # not clipped
+    before = math.log(controller.alpha.item())
+    with torch.no_grad():
+        model[0].threshold.zero_()  # what the reset rule does: density ~1
+    controller.step()
+    assert controller.state_dict()["error"].item() == pytest.approx(0.5)  # log(1 / 0.5) clipped
+    bound = controller.gain * 0.5 + controller.damping * (0.5 - last)
+    assert math.log(controller.alpha.item()) - before == pytest.approx(bound, rel=1e-5)
+    free = DensityController(model, 0.05, alpha=1e-3, every=1, max_error=100.0, floors=None)
+    free.step()
+    assert free.state_dict()["error"].item() == pytest.approx(math.log(_density(model) / 0.05), rel=1e-5)
+
+
+def test_holds_the_target_through_forced_resets():
+    """Resets fired on purpose (a layer's thresholds pushed above every weight, so the next
+    training forward's reset rule sets them to 0, the layer back to dense) in a closed loop run
+    in float64 (see test_drives_a_small_model_to_the_target): alpha stays bounded by the step
+    limit through every reset, and the run still ends at the target."""
+    torch.manual_seed(0)
+    x, y = _data(torch.float64)
+    model = _net(min_density=0.02).double()
+    target, steps, every = 0.15, 600, 10
+    controller = DensityController(model, target, alpha=1e-3, every=every, total_steps=steps)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fired = 0
+    log_alphas = []
+    for s in range(steps):
+        if s in (250, 350):
+            with torch.no_grad():
+                model[0].threshold.fill_(1e3)  # keeps nothing: the rule fires in this forward
+        i = (s * 64) % len(x)
+        loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]) + controller.penalty()
+        if s in (250, 350):
+            assert torch.count_nonzero(model[0].threshold).item() == 0  # reset
+            fired += 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        controller.step()
+        log_alphas.append(math.log(controller.alpha.item()))
+    assert fired == 2
+    before = log_alphas[249]
+    assert max(log_alphas[250:]) - before < math.log(20.0)  # each reset: a bounded transient
+    density = _density(model)
+    assert abs(density - target) <= 0.2 * target, f"density {density:.4f} for target {target}"
+    assert (model(x).argmax(1) == y).float().mean().item() > 0.9

