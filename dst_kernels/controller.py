@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dst_kernels.nn.base import is_dst_layer
-from dst_kernels.regulariser import layer_penalty
+from dst_kernels.regulariser import add_penalty_grad_, layer_penalty
 
 __all__ = ["DensityController"]
 
@@ -276,6 +276,14 @@ class DensityController:
         for i in range(1, len(terms)):
             total = total + terms[i] * self._scales[i]
         return self._alpha * total
+
+    def add_penalty_grad_(self, factor: torch.Tensor | None = None) -> None:
+        """Add the gradient of :meth:`penalty` to the thresholds' ``.grad`` in place (for loops
+        that leave the loss alone; ``factor`` multiplies it, e.g. a GradScaler's scale)."""
+        self._follow_device()
+        add_penalty_grad_(
+            self._layers, self._alpha, scales=None if self._floors is None else self._scales, factor=factor
+        )
 
     @torch.no_grad()
     def measure(self) -> torch.Tensor:

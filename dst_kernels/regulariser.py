@@ -17,7 +17,13 @@ import torch
 
 from dst_kernels._dtensor import check_sharded_reset, is_dtensor, local_share
 
-__all__ = ["EXP_LINEAR_BELOW", "layer_penalty", "threshold_penalty"]
+__all__ = [
+    "EXP_LINEAR_BELOW",
+    "add_penalty_grad_",
+    "layer_penalty",
+    "threshold_penalty",
+    "threshold_penalty_grad",
+]
 
 # Below t = -10 the penalty is linear in t. A threshold below -(max|W| + 1) keeps its whole
 # row and gets no gradient from the task loss (the estimator H vanishes for |Q| > 1), so
@@ -46,3 +52,37 @@ def layer_penalty(layer) -> torch.Tensor:
         check_sharded_reset(layer)
         thresholds = [local_share(t) for t in thresholds]
     return sum(threshold_penalty(t) for t in thresholds)
+
+
+def threshold_penalty_grad(threshold: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`threshold_penalty`: ``-exp(-t)``, ``-exp(EXP_LINEAR_BELOW)`` on
+    the linear tail, in float32 for float16 / bfloat16 thresholds (what autograd gives)."""
+    t = threshold.float() if threshold.dtype in (torch.float16, torch.bfloat16) else threshold
+    return -torch.exp(-torch.where(t < -EXP_LINEAR_BELOW, -EXP_LINEAR_BELOW, t))
+
+
+@torch.no_grad()
+def add_penalty_grad_(layers, alpha, *, scales=None, factor=None) -> None:
+    """Add ``alpha * d/dt sum exp(-t)`` to every threshold's ``.grad`` of ``layers`` (DST
+    layers), in place: what ``loss + alpha * sparsity_loss`` would have added, for loops that
+    leave the loss alone (the framework callbacks of ``dst_kernels.integrations``).
+
+    ``alpha`` is a float or a 0-dim tensor; ``scales`` (a 1-D tensor, one per layer) multiplies
+    each layer's term (the controller's floors); ``factor`` (a 0-dim tensor, e.g. a GradScaler's
+    scale) multiplies every term, for gradients that are still scaled. No host sync.
+    """
+    for i, layer in enumerate(layers):
+        weight = alpha if scales is None else alpha * scales[i]
+        if factor is not None:
+            weight = weight * factor
+        for t in layer.thresholds():
+            if is_dtensor(t):
+                raise NotImplementedError(
+                    "add_penalty_grad_: sharded (FSDP2) thresholds are not supported; add "
+                    "alpha * dst.sparsity_loss(model) to the loss instead"
+                )
+            g = (weight * threshold_penalty_grad(t)).to(t.dtype)
+            if t.grad is None:
+                t.grad = g
+            else:
+                t.grad.add_(g)
