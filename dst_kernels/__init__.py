@@ -16,6 +16,7 @@ from dst_kernels import (
     reference,
     sparse,
 )
+from dst_kernels._version import __version__
 from dst_kernels.controller import DensityController
 from dst_kernels.convert import plan_sparsify, register_layer, sparsify
 from dst_kernels.functional import available_backends
@@ -29,8 +30,6 @@ from dst_kernels.nn import (
     threshold_parameters,
 )
 from dst_kernels.report import sparsity_report
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DensityController",

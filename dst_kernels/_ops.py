@@ -81,7 +81,9 @@ def _check_build_matches() -> None:
     if built.split("+")[0] != torch.__version__.split("+")[0]:
         warnings.warn(
             f"dst_kernels._C was built for torch {built}, but torch {torch.__version__} is "
-            f"installed; rebuild it ({BUILD_HINT}).",
+            f"installed: the compiled ops may fail to load or misbehave. Install a dst_kernels "
+            f"wheel built for torch {torch.__version__.split('+')[0]}, or install torch {built}, "
+            f"or rebuild the extension ({BUILD_HINT}).",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -377,3 +377,29 @@ def test_hf_callback_refuses_a_decay_it_cannot_undo(tmp_path):
     )
     with pytest.raises(ValueError, match="threshold_weight_decay=True"):
         trainer.train()
+
+
+def test_hf_callback_scales_the_term_like_the_grad_scalers_gradients():
+    """Under fp16 the Trainer's gradients are still scaled when its step begins: the term is
+    multiplied by the scaler's scale (its initial one before the first step: no host sync).
+    An fp16 Trainer run needs a GPU; this checks the event itself."""
+
+    class _Accelerated:  # what accelerate hands the callback: the optimizer with .scaler
+        def __init__(self, scaler):
+            self.scaler = scaler
+
+    net = _net()
+    ref = copy.deepcopy(net)
+    (1e-2 * dst.sparsity_loss(ref)).backward()
+    cb = DSTTrainerCallback(alpha=1e-2)
+    cb.reg.bind(net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    cb.on_step_begin(None, None, None, optimizer=_Accelerated(scaler))
+    for p, q in zip(dst.threshold_parameters(net), dst.threshold_parameters(ref)):
+        assert torch.allclose(p.grad, 8.0 * q.grad, rtol=1e-6, atol=0)  # the scale is float32
+    scaler._scale = torch.tensor(2.0, dtype=torch.float64)  # after the scaler's first update
+    for p in dst.threshold_parameters(net):
+        p.grad = None
+    cb.on_step_begin(None, None, None, optimizer=_Accelerated(scaler))
+    for p, q in zip(dst.threshold_parameters(net), dst.threshold_parameters(ref)):
+        assert torch.allclose(p.grad, 2.0 * q.grad, rtol=1e-6, atol=0)  # the scale is float32

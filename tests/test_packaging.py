@@ -41,3 +41,28 @@ def test_dst_train_names_the_extra_it_lacks(monkeypatch, capsys):
 def test_the_extra_lists_what_the_command_imports():
     assert train.EXTRA == ("numpy", "tqdm", "matplotlib")
     assert train.missing_extra() == []  # the test environment has the extra
+
+
+def test_release_files_and_one_version():
+    """LICENSE carries the license pyproject.toml names, py.typed marks the typed package,
+    the version is defined once (dst_kernels/_version.py) and is what the installed
+    distribution reports."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import tomllib
+
+    import dst_kernels
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"]["text"] == "BSD-3-Clause"
+    assert (root / "LICENSE").read_text().startswith("BSD 3-Clause License")
+    assert "version" not in project and "version" in project["dynamic"]
+    assert (root / "dst_kernels" / "py.typed").exists()
+    assert (root / "CHANGELOG.md").read_text().count(f"## {dst_kernels.__version__}") == 1
+    assert importlib.metadata.version("dst_kernels") == dst_kernels.__version__
+    assert all(
+        c.startswith(("Development", "Intended", "License", "Operating", "Programming", "Topic", "Typing"))
+        for c in project["classifiers"]
+    )
