@@ -16,7 +16,7 @@ from dst_kernels import (
     reference,
     sparse,
 )
-from dst_kernels._version import __version__
+from dst_kernels._version import __version__ as __version__
 from dst_kernels.controller import DensityController
 from dst_kernels.convert import plan_sparsify, register_layer, sparsify
 from dst_kernels.functional import available_backends
