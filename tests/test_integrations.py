@@ -403,3 +403,38 @@ def test_hf_callback_scales_the_term_like_the_grad_scalers_gradients():
     cb.on_step_begin(None, None, None, optimizer=_Accelerated(scaler))
     for p, q in zip(dst.threshold_parameters(net), dst.threshold_parameters(ref)):
         assert torch.allclose(p.grad, 2.0 * q.grad, rtol=1e-6, atol=0)  # the scale is float32
+
+
+class _InOrderTrainer(transformers.Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+
+def test_hf_callback_equals_a_hand_written_loop(tmp_path):
+    """The Trainer with the callback (SGD with momentum, weight decay 0.01 on the weights, 2-step
+    accumulation, clipping at 0.5, batches in order) against the loop a user would write with
+    ``alpha * sparsity_loss`` in the loss and the thresholds and biases out of weight decay."""
+    alpha = 2e-2
+    ours = _HFModel()
+    args = _hf_args(tmp_path, "sgd", optim_args="momentum=0.9")
+    _InOrderTrainer(ours, args, train_dataset=_Dataset(), callbacks=[DSTTrainerCallback(alpha=alpha)]).train()
+    model = _HFModel()
+    ids = {id(t) for t in dst.threshold_parameters(model)}
+    decay = [p for n, p in model.named_parameters() if id(p) not in ids and "bias" not in n]
+    rest = [p for n, p in model.named_parameters() if id(p) in ids or "bias" in n]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+        lr=0.05,
+        momentum=0.9,
+    )
+    data = _Dataset()
+    for step in range(12):
+        for micro in range(2):
+            i = (step * 2 + micro) * 8 % len(data)
+            out = model(data.x[i : i + 8], data.y[i : i + 8])
+            ((out["loss"] + alpha * dst.sparsity_loss(model)) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    assert _max_diff(ours, model) < 1e-10
+    assert _max_diff(ours, _HFModel()) > 1e-3
