@@ -31,16 +31,21 @@ __all__ = [
 EXP_LINEAR_BELOW = 10.0
 
 
+def _clamped(threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, max(t, -EXP_LINEAR_BELOW))``, in float32 for float16 / bfloat16 thresholds."""
+    t = threshold.float() if threshold.dtype in (torch.float16, torch.bfloat16) else threshold
+    # torch.where saves only its condition for backward (clamp would save t itself): the reset
+    # rule updates thresholds in place during the forward, which may run after this.
+    return t, torch.where(t < -EXP_LINEAR_BELOW, -EXP_LINEAR_BELOW, t)
+
+
 def threshold_penalty(threshold: torch.Tensor) -> torch.Tensor:
     """``sum_i exp(-t_i)`` with a linear tail below ``t = -EXP_LINEAR_BELOW``.
 
     Returns a 0-dim tensor in float32 for float16 / bfloat16 thresholds, else in the
     thresholds' dtype. No host synchronisation; traceable by ``torch.compile``.
     """
-    t = threshold.float() if threshold.dtype in (torch.float16, torch.bfloat16) else threshold
-    # torch.where saves only its condition for backward (clamp would save t itself): the reset
-    # rule updates thresholds in place during the forward, which may run after this.
-    clamped = torch.where(t < -EXP_LINEAR_BELOW, -EXP_LINEAR_BELOW, t)
+    t, clamped = _clamped(threshold)
     # (clamped - t) is 0 for t >= -c and -c - t > 0 below: exp(c) * (1 + (-c - t)) there.
     return (torch.exp(-clamped) * (1.0 + (clamped - t))).sum()
 
@@ -57,8 +62,7 @@ def layer_penalty(layer) -> torch.Tensor:
 def threshold_penalty_grad(threshold: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`threshold_penalty`: ``-exp(-t)``, ``-exp(EXP_LINEAR_BELOW)`` on
     the linear tail, in float32 for float16 / bfloat16 thresholds (what autograd gives)."""
-    t = threshold.float() if threshold.dtype in (torch.float16, torch.bfloat16) else threshold
-    return -torch.exp(-torch.where(t < -EXP_LINEAR_BELOW, -EXP_LINEAR_BELOW, t))
+    return -torch.exp(-_clamped(threshold)[1])
 
 
 @torch.no_grad()

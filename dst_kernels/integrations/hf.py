@@ -105,6 +105,7 @@ class DSTTrainerCallback(TrainerCallback, ExportableState):
         self.threshold_weight_decay = threshold_weight_decay
         self.controller_state = controller_state
         self._undo: list = []
+        self._ids: set[int] = set()  # the thresholds' ids, found once in on_train_begin
 
     @property
     def controller(self):
@@ -137,11 +138,12 @@ class DSTTrainerCallback(TrainerCallback, ExportableState):
         if self.controller_state is not None and self.reg.controller is not None:
             self.reg.controller.load_state_dict(_from_json(self.controller_state))
             self.controller_state = None
+        self._ids = _threshold_ids(model)
         if optimizer is not None and not self.threshold_weight_decay:
-            self._check_decay(_inner(optimizer), model)
+            self._check_decay(_inner(optimizer))
 
-    def _decayed(self, opt, model):
-        ids = _threshold_ids(model)
+    def _decayed(self, opt):
+        ids = self._ids
         for group in opt.param_groups:
             wd = group.get("weight_decay", 0.0)
             if wd:
@@ -149,8 +151,8 @@ class DSTTrainerCallback(TrainerCallback, ExportableState):
                 if mine:
                     yield group, wd, mine
 
-    def _check_decay(self, opt, model) -> None:
-        for _group, _wd, _mine in self._decayed(opt, model):
+    def _check_decay(self, opt) -> None:
+        for _group, _wd, _mine in self._decayed(opt):
             if not isinstance(opt, (torch.optim.AdamW, *_COUPLED)):
                 raise ValueError(
                     f"DSTTrainerCallback: the Trainer's {type(opt).__name__} applies weight decay to "
@@ -176,7 +178,7 @@ class DSTTrainerCallback(TrainerCallback, ExportableState):
             return
         opt = _inner(optimizer)
         with torch.no_grad():
-            for group, wd, mine in self._decayed(opt, model):
+            for group, wd, mine in self._decayed(opt):
                 if self._decoupled(opt, group):
                     self._undo += [(p, p.detach().clone(), group["lr"] * wd) for p in mine]
                 else:

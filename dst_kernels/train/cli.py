@@ -448,9 +448,8 @@ def _merge_resume_args(args, saved: dict, explicit: set[str]) -> argparse.Namesp
 ALPHA_MAX_FACTOR = 20.0
 
 
-def _alpha_max(args) -> float:
+def _alpha_max(args, start: float) -> float:
     explicit = getattr(args, "alpha_max", None)  # absent from checkpoints of older runs
-    start = args.alpha if args.alpha > 0 else 1e-4
     if explicit is not None:
         return max(explicit, start)
     if not hasattr(args, "alpha_max"):
@@ -558,7 +557,7 @@ class _Run:
         start = a.alpha if a.alpha > 0 else 1e-4
         steps = a.epochs * train_loader.batch_sampler.batches_per_epoch()
         return dst.DensityController(
-            model, a.target_density, alpha=start, alpha_max=_alpha_max(a), total_steps=steps
+            model, a.target_density, alpha=start, alpha_max=_alpha_max(a, start), total_steps=steps
         )
 
     def _log(self, record: dict) -> None:
