@@ -26,10 +26,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-Tensor recomputed_p(const Tensor& weight, const Tensor& t_eff) {
-  return std::get<0>(ops::mask_op().call(weight, t_eff, std::nullopt));
-}
-
 // (dW, dt) from G = dL/dP: dW over G's buffer when G has W's layout, else a new tensor.
 std::pair<Tensor, Tensor> weight_grads(Tensor grad_p, const Tensor& weight, const Tensor& t_eff) {
   if (grad_p.sizes() == weight.sizes() && grad_p.strides() == weight.strides()) {
@@ -161,23 +157,34 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
     check_first_order("dst_conv2d", {&grad_y, &x, &weight});
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
     const std::array<bool, 3> output_mask = {ctx->needs_input_grad(0),
                                              ctx->needs_input_grad(1) || ctx->needs_input_grad(2),
                                              has_bias && ctx->needs_input_grad(3)};
-    // P only matters for dX; the weight and bias gradients read W's shape and layout alone.
-    const Tensor p = output_mask[0] ? recomputed_p(weight, t_eff) : weight;
-    const std::vector<int64_t> bias_sizes = {weight.size(0)};
-    const std::vector<int64_t> output_padding = {0, 0};
-    auto [grad_x, grad_p, grad_b] = at::convolution_backward(
-        grad_y, x, p, has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
-        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-        ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false, output_padding,
-        ctx->saved_data["groups"].toInt(), output_mask);
-    out[0] = if_needed(output_mask[0], grad_x);
-    if (output_mask[1]) {
-      auto [grad_w, grad_t] = weight_grads(grad_p, weight, t_eff);
-      out[1] = if_needed(ctx->needs_input_grad(1), grad_w);
-      out[2] = if_needed(ctx->needs_input_grad(2), grad_t);
+    if (output_mask[0]) {
+      // dX = conv_transpose(dY, P), P recomputed (on the CPU the direct sparse convolution
+      // below the density crossover).
+      out[0] = ops::conv2d_grad_input_op().call(grad_y, x, weight, t_eff, stride, padding, dilation,
+                                                groups);
+    }
+    Tensor grad_b;
+    if (output_mask[1] || output_mask[2]) {
+      // The weight and bias gradients read W's shape and layout alone.
+      const std::vector<int64_t> bias_sizes = {weight.size(0)};
+      const std::vector<int64_t> output_padding = {0, 0};
+      auto grads = at::convolution_backward(
+          grad_y, x, weight, has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
+          padding, dilation, /*transposed=*/false, output_padding, groups,
+          {false, output_mask[1], output_mask[2]});
+      if (output_mask[1]) {
+        auto [grad_w, grad_t] = weight_grads(std::get<1>(grads), weight, t_eff);
+        out[1] = if_needed(ctx->needs_input_grad(1), grad_w);
+        out[2] = if_needed(ctx->needs_input_grad(2), grad_t);
+      }
+      grad_b = std::get<2>(grads);
     }
     out[3] = if_needed(output_mask[2], grad_b);
     return out;

@@ -1,6 +1,7 @@
-// dst_kernels::dst_conv2d for every device: the fused mask op, then ATen's convolution
-// (cuDNN / oneDNN / the CPU kernels). CompositeExplicitAutograd; its autograd is in
-// csrc/autograd.cpp and keeps neither the mask nor P.
+// dst_kernels::dst_conv2d and dst_conv2d_grad_input for every device: the fused mask op, then
+// ATen's convolution (cuDNN / oneDNN / the CPU kernels); the CPU kernels of
+// csrc/cpu/sparse_conv.cpp override both with the density switch. CompositeExplicitAutograd; its
+// autograd is in csrc/autograd.cpp and keeps neither the mask nor P.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,9 +26,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dst_conv2d(
   return {y, masked, t_eff};
 }
 
+// dX = conv_transpose(dY, P) with P recomputed by the mask op: the dense path of every device
+// (the CPU kernel in csrc/cpu/sparse_conv.cpp overrides it with the density switch).
+at::Tensor dst_conv2d_grad_input(const at::Tensor& grad_y, const at::Tensor& x,
+                                 const at::Tensor& weight, const at::Tensor& threshold,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
+  check_conv2d_grad_input_args("dst_conv2d_grad_input", grad_y, x, weight);
+  const at::Tensor p = std::get<0>(ops::mask_op().call(weight, threshold, std::nullopt));
+  return conv2d_grad_input_dense(grad_y, x, p, stride, padding, dilation, groups);
+}
+
 }  // namespace
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CompositeExplicitAutograd, m) {
   m.impl("dst_conv2d", &dst::dst_conv2d);
+  m.impl("dst_conv2d_grad_input", &dst::dst_conv2d_grad_input);
 }

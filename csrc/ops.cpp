@@ -87,6 +87,23 @@ TORCH_LIBRARY(dst_kernels, m) {
       "dst_conv2d(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, float? min_density) -> (Tensor, Tensor, "
       "Tensor)");
+  // dX = conv_transpose(dY, P) for the conv layer (x gives the input's shape), P recomputed
+  // from (W, t): ATen's convolution backward on every device; on the CPU the direct sparse
+  // convolution below the density crossover.
+  m.def(
+      "dst_conv2d_grad_input(Tensor grad_y, Tensor x, Tensor weight, Tensor threshold, int[2] "
+      "stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // dst_sparse_conv2d: y = conv2d(x, A) + bias for A in CSR over [out_channels, in_channels *
+  // KH * KW] (the filters' kept taps; groups 1), the sparse conv layers' inference op.
+  m.def(
+      "dst_sparse_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> "
+      "Tensor");
+  // When dst_conv2d's CPU kernels go sparse in auto mode (the density, for that shape).
+  m.def(
+      "sparse_conv_crossover(int batch, int in_channels, int out_channels, int kernel, int "
+      "out_pixels) -> float",
+      &dst::sparse_conv_crossover);
 }
 
 // An importable module, so `import dst_kernels._C` loads the library and

@@ -92,6 +92,20 @@ def _check_build_matches() -> None:
 _check_build_matches()
 
 
+def _conv_out_size(x, channels, kernel, stride, padding, dilation) -> list:
+    size = [x.shape[0], channels]
+    for i in range(2):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        size.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
+    return size
+
+
+def _conv_format(x) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _register() -> None:
     if not has_op("dst_mask"):
         return  # an older build: only the reference backend
@@ -120,16 +134,8 @@ def _register() -> None:
     @torch.library.register_fake("dst_kernels::dst_conv2d")
     def _dst_conv2d_fake(x, weight, threshold, bias, stride, padding, dilation, groups, min_density):
         torch._check(x.dim() == 4, lambda: "dst_conv2d: x must be 4-D")
-        size = [x.shape[0], weight.shape[0]]
-        for i in range(2):
-            span = dilation[i] * (weight.shape[2 + i] - 1) + 1
-            size.append((x.shape[2 + i] + 2 * padding[i] - span) // stride[i] + 1)
-        fmt = (
-            torch.channels_last
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            else torch.contiguous_format
-        )
-        y = x.new_empty(size).contiguous(memory_format=fmt)
+        size = _conv_out_size(x, weight.shape[0], weight.shape[2:], stride, padding, dilation)
+        y = x.new_empty(size).contiguous(memory_format=_conv_format(x))
         return y, torch.empty_like(weight), torch.empty_like(threshold)
 
     # Autograd of dst_mask, dst_linear and dst_conv2d is registered in C++ (csrc/autograd.cpp).
@@ -158,6 +164,23 @@ def _register_sparse() -> None:
     def _dst_sparse_mm_fake(x, crow_indices, col_indices, values, bias=None):
         torch._check(values.dtype == x.dtype, lambda: "dst_sparse_mm: values must have x's dtype")
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+    if not has_op("dst_sparse_conv2d"):
+        return
+
+    @torch.library.register_fake("dst_kernels::dst_conv2d_grad_input")
+    def _dst_conv2d_grad_input_fake(grad_y, x, weight, threshold, stride, padding, dilation, groups):
+        torch._check(grad_y.dim() == 4, lambda: "dst_conv2d_grad_input: grad_y must be 4-D")
+        return torch.empty_like(x, memory_format=_conv_format(x))
+
+    @torch.library.register_fake("dst_kernels::dst_sparse_conv2d")
+    def _dst_sparse_conv2d_fake(
+        x, crow_indices, col_indices, values, bias, kernel_size, stride, padding, dilation
+    ):
+        torch._check(x.dim() == 4, lambda: "dst_sparse_conv2d: x must be 4-D")
+        torch._check(values.dtype == x.dtype, lambda: "dst_sparse_conv2d: values must have x's dtype")
+        size = _conv_out_size(x, crow_indices.shape[0] - 1, kernel_size, stride, padding, dilation)
+        return x.new_empty(size)
 
 
 if _loaded:

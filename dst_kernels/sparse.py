@@ -16,6 +16,7 @@ import torch
 from dst_kernels.export.sparse import (
     DEFAULT_MAX_DENSITY,
     SPARSE_FORMAT,
+    SparseConv2d,
     SparseLinear,
     load_sparse,
     require_native,
@@ -25,11 +26,13 @@ from dst_kernels.export.sparse import (
 
 __all__ = [
     "SparseLinear",
+    "SparseConv2d",
     "to_sparse",
     "save_sparse",
     "load_sparse",
     "sparse_mode",
     "crossover",
+    "conv_crossover",
     "SPARSE_FORMAT",
     "DEFAULT_MAX_DENSITY",
 ]
@@ -53,7 +56,7 @@ class _Mode(contextlib.ContextDecorator):
 
 
 def sparse_mode(mode: str | None = None):
-    """When the native CPU ``dst_linear`` uses the sparse kernels.
+    """When the native CPU ``dst_linear`` and ``dst_conv2d`` use the sparse kernels.
 
     ``"auto"`` (default): below the measured density crossover of the layer's shape;
     ``"always"``; ``"never"`` (dense GEMMs). With no argument, returns the mode in force.
@@ -68,6 +71,14 @@ def sparse_mode(mode: str | None = None):
         current = torch.ops.dst_kernels.sparse_mode(-1)
         return next(name for name, value in _MODES.items() if value == current)
     return _Mode(mode)
+
+
+def conv_crossover(batch: int, in_channels: int, out_channels: int, kernel: int, out_pixels: int) -> float:
+    """The density below which ``dst_conv2d``'s CPU kernels take the sparse path (forward and
+    dX) for a groups-1 convolution of this shape (``kernel`` = kh * kw weights per input
+    channel, ``out_pixels`` = OH * OW outputs per image)."""
+    require_native("conv_crossover")
+    return torch.ops.dst_kernels.sparse_conv_crossover(batch, in_channels, out_channels, kernel, out_pixels)
 
 
 def crossover(tokens: int, in_features: int, out_features: int) -> float:

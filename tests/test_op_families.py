@@ -19,6 +19,9 @@ EXEMPT = {
 FAMILY_OF = {
     "dst_weight_grad_": "weight_grad",
     "dst_linear_grad_input": "linear",
+    "dst_conv2d_grad_input": "conv2d",
+    "dst_sparse_conv2d": "sparse",
+    "sparse_conv_crossover": "sparse",
     "dst_sparse_mask": "sparse",
     "dst_sparse_mm": "sparse",
     "sparse_mode": "sparse",

@@ -6,6 +6,8 @@
 //   sparse::product_from_counts        y = x P^T (or x P) from the CSR built off the mask
 //                                      pass's row counts: the sparse path of the CPU
 //                                      dst_linear kernels (csrc/cpu/linear.cpp)
+//   dst_sparse_conv2d and the sparse path of the CPU dst_conv2d kernels: the direct sparse
+//                                      convolution (the section "convolutions" below)
 //
 // The product tiles the rows of x (tokens) by NB: a tile of x is packed transposed
 // (K x NB, opmath type) into a per-thread buffer that stays in L2, and every output
@@ -79,6 +81,18 @@ double sparse_crossover(int64_t tokens, int64_t in, int64_t out) {
   if (tokens < 1024) {
     return 0.25;
   }
+  return 0.3;
+}
+
+// Measured with `python -m benchmarks.bench_sparse --conv-sweep` (a DSTConv2d training step,
+// sparse path against dense path) on the same machine; see the README, "Sparse convolution".
+double sparse_conv_crossover(int64_t batch, int64_t in_channels, int64_t out_channels,
+                             int64_t kernel, int64_t out_pixels) {
+  (void)batch;
+  (void)in_channels;
+  (void)out_channels;
+  (void)kernel;
+  (void)out_pixels;
   return 0.3;
 }
 
@@ -583,8 +597,10 @@ Compressed transposed(const Compressed& a, int64_t rows, int64_t cols) {
   return {crow, idx, val};
 }
 
-bool take_sparse(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
-  if (kept > kMaxIndex || in > kMaxIndex || out > kMaxIndex) {
+// Whether a layer keeping `kept` of its rows x cols weights takes the sparse path: the mode,
+// and in auto mode the crossover density; never past the int32 indices.
+bool take_at(int64_t kept, int64_t rows, int64_t cols, double crossover) {
+  if (kept > kMaxIndex || rows > kMaxIndex || cols > kMaxIndex) {
     return false;
   }
   switch (static_cast<SparseMode>(g_sparse_mode.load(std::memory_order_relaxed))) {
@@ -593,9 +609,12 @@ bool take_sparse(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
     case SparseMode::kNever:
       return false;
     default:
-      return static_cast<double>(kept) <
-             sparse_crossover(tokens, in, out) * static_cast<double>(in * out);
+      return static_cast<double>(kept) < crossover * static_cast<double>(rows * cols);
   }
+}
+
+bool take_sparse(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
+  return take_at(kept, out, in, sparse_crossover(tokens, in, out));
 }
 
 // ----------------------------------------------------------------------------- ops
@@ -701,10 +720,600 @@ Tensor dst_sparse_mm_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
 
 }  // namespace
 
+// ============================================================================= convolutions
+//
+// A direct sparse convolution over the kept filter taps of P = W * M:
+//
+//   dst_sparse_conv2d(x, crow, col, val, b, ...)   y = conv2d(x, A) + b for A in CSR over
+//                                                  [out_channels, in_channels * KH * KW]
+//   sparse::conv2d_from_counts                     y = conv2d(x, P) + b from the CSR built off
+//                                                  the mask pass's filter counts
+//   sparse::conv2d_grad_input_from_counts          dX = conv_transpose(dY, P), the same way
+//
+// (the last two are the sparse path of the CPU dst_conv2d kernels, csrc/cpu/conv2d.cpp).
+// Both directions are one correlation over a prepared input `in`:
+//
+//   out[r, i, j] = b[r] + sum_e val[e] * in[off[e] + i * ld + j]
+//
+// For the forward, `in` is x zero-padded and, for stride s, split into its s x s phases (a
+// stride-s convolution of x is a stride-1 correlation of its phases); for dX it is dY spread
+// onto the stride grid and padded by K_eff - 1 - padding, and the taps are flipped. Every kept
+// tap is then one offset, and the inner loop is one contiguous vector load and one FMA per
+// output row of a block, with the accumulators in registers. Images whose output rows are
+// narrower than a vector are laid out in groups, batch-innermost, so that a vector spans the
+// same row of several images. With enough image groups each thread prepares a group into its
+// own buffer (in cache) and correlates it whole.
+//
+// Each output element is one thread's sum over its filter's kept taps in a fixed order
+// (opmath accumulation): results are deterministic and independent of the thread count.
+// The correlation is compared with the dense convolution within tolerance, never bit for bit:
+// its multiply-adds may fuse (one rounding each, half the instructions).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+namespace {
+
+// Vectors of the accumulation type for the correlation.
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+typedef double vd8 __attribute__((vector_size(64), aligned(8)));
+typedef double vd4 __attribute__((vector_size(32), aligned(8)));
+template <typename T, int W>
+struct VecOf;
+template <>
+struct VecOf<float, 16> {
+  using type = vf16;
+};
+template <>
+struct VecOf<float, 8> {
+  using type = vf8;
+};
+template <>
+struct VecOf<double, 8> {
+  using type = vd8;
+};
+template <>
+struct VecOf<double, 4> {
+  using type = vd4;
+};
+
+// The shape of one convolution (groups 1).
+struct ConvShape {
+  int64_t n, c, h, w;  // input
+  int64_t oc, kh, kw;  // filters
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t oh, ow;  // output
+  int64_t keh() const { return dh * (kh - 1) + 1; }
+  int64_t kew() const { return dw * (kw - 1) + 1; }
+};
+
+// A correlation: out has `rows` planes of oh x ow (ow counts the images too when batch-inner).
+struct Corr {
+  int64_t images;  // images (groups of images) looped over
+  int64_t rows, oh, ow;
+  int64_t ld, image;  // row and image strides of `in`
+};
+
+template <typename T>
+constexpr int full_lanes() {
+  return static_cast<int>(64 / sizeof(T));
+}
+
+// The vector width the correlation uses: 64 bytes where the AVX-512 clones run, else 32.
+template <typename T>
+int lanes_here() {
+  return cpu::isa() == cpu::Isa::kAvx512 ? full_lanes<T>() : full_lanes<T>() / 2;
+}
+
+// Output rows [i0, i0 + RB) of filters [r0, r1) of one image: per column chunk of JW * NT
+// lanes, RB x NT vector accumulators over the filter's taps.
+template <typename T, typename out_t, int JW, int NT, int RB>
+inline __attribute__((always_inline)) void corr_rows(const T* __restrict__ in,
+                                                     const int32_t* __restrict__ crow,
+                                                     const int32_t* __restrict__ off,
+                                                     const T* __restrict__ val, const out_t* bias,
+                                                     out_t* __restrict__ y, const Corr& g,
+                                                     int64_t i0, int64_t r0, int64_t r1) {
+  using V = typename VecOf<T, JW>::type;
+  constexpr int64_t kChunk = int64_t(JW) * NT;
+  const int64_t rows_here = std::min<int64_t>(RB, g.oh - i0);
+  const int64_t ld = g.ld;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T b = bias != nullptr ? static_cast<T>(bias[r]) : T(0);
+    out_t* yr = y + r * g.oh * g.ow;
+    const int64_t e0 = crow[r];
+    const int64_t e1 = crow[r + 1];
+    for (int64_t j0 = 0; j0 < g.ow; j0 += kChunk) {
+      V acc[RB][NT];
+      for (int rr = 0; rr < RB; ++rr) {
+        for (int t = 0; t < NT; ++t) {
+          acc[rr][t] = V{};
+        }
+      }
+      const T* base = in + i0 * ld + j0;
+      for (int64_t e = e0; e < e1; ++e) {
+        const T v = val[e];
+        const T* p = base + off[e];
+        for (int rr = 0; rr < RB; ++rr) {
+          for (int t = 0; t < NT; ++t) {
+            acc[rr][t] += v * *reinterpret_cast<const V*>(p + rr * ld + t * JW);
+          }
+        }
+      }
+      const int64_t cols = std::min<int64_t>(kChunk, g.ow - j0);
+      for (int64_t rr = 0; rr < rows_here; ++rr) {
+        alignas(64) T lanes[kChunk];
+        std::memcpy(lanes, acc[rr], sizeof(acc[rr]));
+        out_t* o = yr + (i0 + rr) * g.ow + j0;
+        for (int64_t c = 0; c < cols; ++c) {
+          o[c] = static_cast<out_t>(lanes[c] + b);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename out_t, int JW>
+inline __attribute__((always_inline)) void corr_rows_nt(int nt, const T* in, const int32_t* crow,
+                                                        const int32_t* off, const T* val,
+                                                        const out_t* bias, out_t* y, const Corr& g,
+                                                        int64_t i0, int64_t r0, int64_t r1) {
+  switch (nt) {
+    case 1:
+      return corr_rows<T, out_t, JW, 1, 8>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    case 2:
+      return corr_rows<T, out_t, JW, 2, 4>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    default:
+      return corr_rows<T, out_t, JW, 4, 2>(in, crow, off, val, bias, y, g, i0, r0, r1);
+  }
+}
+
+template <typename T, typename out_t>
+inline __attribute__((always_inline)) void corr_rows_any_impl(
+    int jw, int nt, const T* in, const int32_t* crow, const int32_t* off, const T* val,
+    const out_t* bias, out_t* y, const Corr* g, int64_t i0, int64_t r0, int64_t r1) {
+  constexpr int kFull = full_lanes<T>();
+  if (jw == kFull) {
+    corr_rows_nt<T, out_t, kFull>(nt, in, crow, off, val, bias, y, *g, i0, r0, r1);
+  } else {
+    corr_rows_nt<T, out_t, kFull / 2>(nt, in, crow, off, val, bias, y, *g, i0, r0, r1);
+  }
+}
+
+DST_CPU_MULTIVERSION(corr_rows_any, corr_rows_any_impl)
+
+// The block sizes the correlation of an output width uses.
+struct Blocking {
+  int jw, nt, rb;
+};
+
+template <typename T>
+Blocking blocking(int64_t ow) {
+  const int jw = lanes_here<T>();
+  const int nt = ow <= jw ? 1 : (ow <= 2 * jw ? 2 : 4);
+  return {jw, nt, 8 / nt};
+}
+
+// Elements a correlation may read past the end of its input (the last block's rows past oh
+// and its lanes past ow).
+int64_t slack(int64_t ld, int64_t ow) {
+  (void)ow;
+  return 9 * ld + 4 * 64 + 64;
+}
+
+// One image group's correlation on the calling thread: every row block of every filter.
+template <typename T, typename out_t>
+void correlate_serial(const T* in, const int32_t* crow, const int32_t* off, const T* val,
+                      const out_t* bias, out_t* y, const Corr& g) {
+  const Blocking bk = blocking<T>(g.ow);
+  for (int64_t i0 = 0; i0 < g.oh; i0 += bk.rb) {
+    corr_rows_any(bk.jw, bk.nt, in, crow, off, val, bias, y, &g, i0, int64_t(0), g.rows);
+  }
+}
+
+// out = the correlation of `in` with the entries (crow, off, val): parallel over (image, row
+// block, filter chunk) items, image-major, so a thread's items share their input window.
+template <typename T, typename out_t>
+void correlate(const T* in, const int32_t* crow, const int32_t* off, const T* val, int64_t nnz,
+               const out_t* bias, out_t* y, const Corr& g) {
+  if (g.images == 0 || g.rows == 0 || g.oh == 0 || g.ow == 0) {
+    return;
+  }
+  const Blocking bk = blocking<T>(g.ow);
+  const int64_t row_blocks = (g.oh + bk.rb - 1) / bk.rb;
+  constexpr int64_t kFilterChunk = 16;
+  const int64_t chunks = (g.rows + kFilterChunk - 1) / kFilterChunk;
+  const int64_t items = g.images * row_blocks * chunks;
+  const int64_t chunk_lanes = int64_t(bk.jw) * bk.nt;
+  const int64_t per_item =
+      std::max<int64_t>(1, (nnz / g.rows + 1) * std::min(kFilterChunk, g.rows) * bk.rb *
+                               ((g.ow + chunk_lanes - 1) / chunk_lanes) * chunk_lanes);
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / per_item);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t image = it / (row_blocks * chunks);
+      const int64_t rest = it % (row_blocks * chunks);
+      const int64_t i0 = (rest / chunks) * bk.rb;
+      const int64_t r0 = (rest % chunks) * kFilterChunk;
+      const int64_t r1 = std::min(g.rows, r0 + kFilterChunk);
+      corr_rows_any(bk.jw, bk.nt, in + image * g.image, crow, off, val, bias,
+                    y + image * g.rows * g.oh * g.ow, &g, i0, r0, r1);
+    }
+  });
+}
+
+// Images per group of the layout: a group of G images lies batch-innermost, so that one vector
+// spans the same output row of G images, when a row of one image would fill less than a vector.
+template <typename T>
+int64_t group_for(int64_t images, int64_t ow) {
+  const int64_t jw = lanes_here<T>();
+  return ow >= jw ? 1 : std::max<int64_t>(1, std::min(images, jw / ow));
+}
+
+// Element (image n, plane, row i, column j) of a prepared input lies at
+// (n / group) * image + n % group + plane * plane_stride + i * ld + j * col.
+struct Layout {
+  int64_t group, groups;
+  int64_t image, plane, ld, col;  // strides (image: of a group)
+  int64_t total;                  // elements, the slack for over-reads excluded
+};
+
+Layout layout_for(int64_t group, int64_t images, int64_t planes, int64_t rows, int64_t cols) {
+  Layout l{};
+  l.group = group;
+  l.groups = (images + group - 1) / group;
+  l.col = group;
+  l.ld = cols * group;
+  l.plane = rows * l.ld;
+  l.image = planes * l.plane;
+  l.total = l.groups * l.image;
+  return l;
+}
+
+inline int64_t base_of(const Layout& l, int64_t n) { return (n / l.group) * l.image + n % l.group; }
+
+// The forward's input for channel c of image group g (at `dst`, the group's start): xpad = x
+// zero-padded, phase (a, b) holding xpad[a + s_h * i, b + s_w * j] as plane
+// c * s_h * s_w + a * s_w + b of hq x wq. Empty slots of a last group stay zero.
+template <typename scalar_t, typename T>
+void prepare_forward(const Tensor& x, const ConvShape& s, int64_t hq, int64_t wq, const Layout& l,
+                     int64_t g, int64_t c, T* dst) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t xn = x.stride(0), xc = x.stride(1), xh = x.stride(2), xw = x.stride(3);
+  for (int64_t a = 0; a < s.sh; ++a) {
+    for (int64_t b = 0; b < s.sw; ++b) {
+      T* plane = dst + (c * s.sh * s.sw + a * s.sw + b) * l.plane;
+      std::fill(plane, plane + l.plane, T(0));
+      // Rows i and columns j of the phase that fall inside x.
+      const int64_t i0 = std::max<int64_t>(0, (s.ph - a + s.sh - 1) / s.sh);
+      const int64_t i1 = std::min<int64_t>(hq, (s.h + s.ph - a + s.sh - 1) / s.sh);
+      const int64_t j0 = std::max<int64_t>(0, (s.pw - b + s.sw - 1) / s.sw);
+      const int64_t j1 = std::min<int64_t>(wq, (s.w + s.pw - b + s.sw - 1) / s.sw);
+      for (int64_t k = 0; k < l.group; ++k) {
+        const int64_t n = g * l.group + k;
+        if (n >= s.n) {
+          break;
+        }
+        const scalar_t* src = xp + n * xn + c * xc + (b + s.sw * j0 - s.pw) * xw;
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* srow = src + (a + s.sh * i - s.ph) * xh;
+          T* row = plane + k + i * l.ld + j0 * l.col;
+          const int64_t step = s.sw * xw;
+          if (l.col == 1 && step == 1) {
+            for (int64_t j = 0; j < j1 - j0; ++j) {
+              row[j] = static_cast<T>(srow[j]);
+            }
+          } else {
+            for (int64_t j = 0; j < j1 - j0; ++j) {
+              row[j * l.col] = static_cast<T>(srow[j * step]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// dX's input for plane o of image group g: dY spread onto the stride grid and padded,
+// dY[n, o, i, j] at (q_h + s_h * i, q_w + s_w * j) of h + keh - 1 x w + kew - 1, zeros
+// elsewhere.
+template <typename scalar_t, typename T>
+void prepare_grad_input(const Tensor& dy, const ConvShape& s, const Layout& l, int64_t g, int64_t o,
+                        T* dst) {
+  const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+  const int64_t gn = dy.stride(0), gc = dy.stride(1), gh = dy.stride(2), gw = dy.stride(3);
+  const int64_t qh = s.keh() - 1 - s.ph;
+  const int64_t qw = s.kew() - 1 - s.pw;
+  T* plane = dst + o * l.plane;
+  std::fill(plane, plane + l.plane, T(0));
+  const int64_t step = s.sw * l.col;
+  for (int64_t k = 0; k < l.group; ++k) {
+    const int64_t n = g * l.group + k;
+    if (n >= s.n) {
+      break;
+    }
+    const scalar_t* src = gp + n * gn + o * gc;
+    for (int64_t i = 0; i < s.oh; ++i) {
+      T* row = plane + k + (qh + s.sh * i) * l.ld + qw * l.col;
+      const scalar_t* srow = src + i * gh;
+      if (step == 1 && gw == 1) {
+        for (int64_t j = 0; j < s.ow; ++j) {
+          row[j] = static_cast<T>(srow[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < s.ow; ++j) {
+          row[j * step] = static_cast<T>(srow[j * gw]);
+        }
+      }
+    }
+  }
+}
+
+// The forward's entries: filter o's kept tap (c, kh, kw) reads plane c * s_h * s_w + phase at
+// (kh * d_h / s_h, kw * d_w / s_w).
+template <typename scalar_t, typename T>
+void forward_entries(const int32_t* col, const scalar_t* val, int64_t nnz, const ConvShape& s,
+                     const Layout& l, int32_t* off, T* v) {
+  const int64_t kk = s.kh * s.kw;
+  const int64_t phases = s.sh * s.sw;
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int64_t c = col[e] / kk;
+    const int64_t tap = col[e] % kk;
+    const int64_t a = (tap / s.kw) * s.dh;
+    const int64_t b = (tap % s.kw) * s.dw;
+    const int64_t plane = c * phases + (a % s.sh) * s.sw + (b % s.sw);
+    off[e] = static_cast<int32_t>(plane * l.plane + (a / s.sh) * l.ld + (b / s.sw) * l.col);
+    v[e] = static_cast<T>(val[e]);
+  }
+}
+
+// dX's entries: input channel c gathers every kept (o, kh, kw) of P, flipped, in (o, tap)
+// order: plane o at (keh - 1 - kh * d_h, kew - 1 - kw * d_w). Returns the row pointers.
+template <typename scalar_t, typename T>
+std::vector<int32_t> grad_input_entries(const int32_t* crow, const int32_t* col,
+                                        const scalar_t* val, const ConvShape& s, const Layout& l,
+                                        int32_t* off, T* v) {
+  const int64_t kk = s.kh * s.kw;
+  const int64_t nnz = crow[s.oc];
+  std::vector<int32_t> rows(s.c + 1, 0);
+  for (int64_t e = 0; e < nnz; ++e) {
+    ++rows[col[e] / kk + 1];
+  }
+  for (int64_t c = 0; c < s.c; ++c) {
+    rows[c + 1] += rows[c];
+  }
+  std::vector<int32_t> pos(rows.begin(), rows.end() - 1);
+  for (int64_t o = 0; o < s.oc; ++o) {
+    for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
+      const int64_t c = col[e] / kk;
+      const int64_t tap = col[e] % kk;
+      const int64_t a = s.keh() - 1 - (tap / s.kw) * s.dh;
+      const int64_t b = s.kew() - 1 - (tap % s.kw) * s.dw;
+      const int32_t q = pos[c]++;
+      off[q] = static_cast<int32_t>(o * l.plane + a * l.ld + b * l.col);
+      v[q] = static_cast<T>(val[e]);
+    }
+  }
+  return rows;
+}
+
+// out [n, rows, hw] from a grouped result [groups, rows, hw * group] (image n % group
+// innermost).
+template <typename out_t>
+void from_groups(const out_t* src, int64_t n, int64_t group, int64_t rows, int64_t hw, out_t* dst) {
+  at::parallel_for(0, n * rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / rows;
+      const int64_t r = item % rows;
+      const out_t* s = src + ((i / group) * rows + r) * hw * group + i % group;
+      out_t* d = dst + (i * rows + r) * hw;
+      for (int64_t p = 0; p < hw; ++p) {
+        d[p] = s[p * group];
+      }
+    }
+  });
+}
+
+// out [n, rows, oh, ow] = the correlation of the input that prepare(g, p, group_buffer)
+// writes, plane p of image group g at a time, with the entries. With at least as many groups
+// as threads, each thread prepares a group into its own buffer (in cache) and correlates it
+// whole; else the groups are prepared in parallel first and the correlation is split over
+// row blocks and filters too.
+template <typename T, typename out_t, typename Prepare>
+void correlate_layout(const Layout& l, int64_t planes, const Prepare& prepare, const int32_t* crow,
+                      const int32_t* off, const T* v, int64_t nnz, const out_t* bias, int64_t n,
+                      int64_t rows, int64_t oh, int64_t ow, out_t* out) {
+  const int64_t extra = slack(l.ld, ow * l.group);
+  const Corr g{l.groups, rows, oh, ow * l.group, l.ld, l.image};
+  std::unique_ptr<out_t[]> tmp;
+  out_t* dst = out;
+  if (l.group > 1) {
+    tmp.reset(new out_t[l.groups * rows * oh * ow * l.group]);
+    dst = tmp.get();
+  }
+  const int64_t threads = at::get_num_threads();
+  if (l.groups >= threads && l.groups > 1) {
+    const Corr one{1, rows, oh, ow * l.group, l.ld, l.image};
+    at::parallel_for(0, l.groups, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<T[]> buf(new T[l.image + extra]);
+      std::fill(buf.get() + l.image, buf.get() + l.image + extra, T(0));
+      for (int64_t grp = begin; grp < end; ++grp) {
+        for (int64_t p = 0; p < planes; ++p) {
+          prepare(grp, p, buf.get());
+        }
+        correlate_serial<T, out_t>(buf.get(), crow, off, v, bias,
+                                   dst + grp * rows * oh * ow * l.group, one);
+      }
+    });
+  } else {
+    std::unique_ptr<T[]> buf(new T[l.total + extra]);
+    std::fill(buf.get() + l.total, buf.get() + l.total + extra, T(0));
+    at::parallel_for(0, l.groups * planes, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t grp = item / planes;
+        prepare(grp, item % planes, buf.get() + grp * l.image);
+      }
+    });
+    correlate<T, out_t>(buf.get(), crow, off, v, nnz, bias, dst, g);
+  }
+  if (l.group > 1) {
+    from_groups(tmp.get(), n, l.group, rows, oh * ow, out);
+  }
+}
+
+// y = conv2d(x, A) + bias for A in CSR over [oc, c * kh * kw] (x: scalar_t, any strides).
+template <typename scalar_t>
+Tensor forward_from_csr(const Tensor& x, const int32_t* crow, const int32_t* col,
+                        const scalar_t* val, const scalar_t* bias, const ConvShape& s) {
+  using T = opmath<scalar_t>;
+  Tensor y =
+      at::empty({s.n, s.oc, s.oh, s.ow}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (y.numel() == 0) {
+    return y;
+  }
+  const int64_t nnz = crow[s.oc];
+  const int64_t hq = (s.h + 2 * s.ph + s.sh - 1) / s.sh;
+  const int64_t wq = (s.w + 2 * s.pw + s.sw - 1) / s.sw;
+  const Layout l = layout_for(group_for<T>(s.n, s.ow), s.n, s.c * s.sh * s.sw, hq, wq);
+  TORCH_CHECK(l.image + slack(l.ld, s.ow * l.group) < kMaxIndex, "dst_sparse_conv2d: an input ",
+              "image of ", l.image, " padded elements is too large for the int32 offsets");
+  std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
+  std::vector<T> v(std::max<int64_t>(nnz, 1));
+  forward_entries<scalar_t, T>(col, val, nnz, s, l, off.data(), v.data());
+  auto prepare = [&](int64_t g, int64_t c, T* dst) {
+    prepare_forward<scalar_t, T>(x, s, hq, wq, l, g, c, dst);
+  };
+  correlate_layout<T, scalar_t>(l, s.c, prepare, crow, off.data(), v.data(), nnz, bias, s.n, s.oc,
+                                s.oh, s.ow, y.mutable_data_ptr<scalar_t>());
+  return y;
+}
+
+// dX = conv_transpose(dY, A) for A in CSR over [oc, c * kh * kw]; needs padding <= K_eff - 1.
+template <typename scalar_t>
+Tensor grad_input_from_csr(const Tensor& dy, const int32_t* crow, const int32_t* col,
+                           const scalar_t* val, const ConvShape& s) {
+  using T = opmath<scalar_t>;
+  Tensor dx =
+      at::empty({s.n, s.c, s.h, s.w}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  if (dx.numel() == 0) {
+    return dx;
+  }
+  const int64_t nnz = crow[s.oc];
+  const int64_t hb = s.h + s.keh() - 1;
+  const int64_t wb = s.w + s.kew() - 1;
+  const Layout l = layout_for(group_for<T>(s.n, s.w), s.n, s.oc, hb, wb);
+  TORCH_CHECK(l.image + slack(l.ld, s.w * l.group) < kMaxIndex, "dst_conv2d_grad_input: an ",
+              "output image of ", l.image, " padded elements is too large for the int32 offsets");
+  std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
+  std::vector<T> v(std::max<int64_t>(nnz, 1));
+  const std::vector<int32_t> rows =
+      grad_input_entries<scalar_t, T>(crow, col, val, s, l, off.data(), v.data());
+  auto prepare = [&](int64_t g, int64_t o, T* dst) {
+    prepare_grad_input<scalar_t, T>(dy, s, l, g, o, dst);
+  };
+  correlate_layout<T, scalar_t>(l, s.oc, prepare, rows.data(), off.data(), v.data(), nnz,
+                                static_cast<const scalar_t*>(nullptr), s.n, s.c, s.h, s.w,
+                                dx.mutable_data_ptr<scalar_t>());
+  return dx;
+}
+
+// ----------------------------------------------------------------------------- arguments
+
+int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+}
+
+void check_geometry(const char* op, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 entries each, got ", stride, ", ",
+              padding, " and ", dilation);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ",
+              padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be positive, got ",
+              dilation);
+}
+
+ConvShape shape_of(const char* op, at::IntArrayRef x, int64_t oc, int64_t kh, int64_t kw,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  ConvShape s{x[0],      x[1],       x[2],       x[3],        oc,          kh, kw, stride[0],
+              stride[1], padding[0], padding[1], dilation[0], dilation[1], 0,  0};
+  s.oh = out_size(s.h, kh, s.sh, s.ph, s.dh);
+  s.ow = out_size(s.w, kw, s.sw, s.pw, s.dw);
+  TORCH_CHECK(s.h + 2 * s.ph >= s.keh() && s.w + 2 * s.pw >= s.kew(), op, ": input of size ", x,
+              " (padded by ", padding, ") is smaller than the dilated kernel (", s.keh(), ", ",
+              s.kew(), ")");
+  return s;
+}
+
+Tensor dst_sparse_conv2d_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
+                             const Tensor& values, const std::optional<Tensor>& bias,
+                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "dst_sparse_conv2d";
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values have dtype ",
+              values.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK(
+      crow.device() == x.device() && col.device() == x.device() && values.device() == x.device(),
+      op, ": x and the compressed tensors must be on one device");
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1, op,
+              ": kernel_size must be 2 positive sizes, got ", kernel_size);
+  check_geometry(op, stride, padding, dilation);
+  check_csr(op, crow, col, values, x.size(1) * kernel_size[0] * kernel_size[1]);
+  const int64_t oc = crow.numel() - 1;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == oc, op, ": bias must have shape [", oc,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
+                ": bias must have x's dtype and device");
+  }
+  const ConvShape s =
+      shape_of(op, x.sizes(), oc, kernel_size[0], kernel_size[1], stride, padding, dilation);
+  const Tensor b = has_bias ? bias->contiguous() : Tensor();
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "dst_sparse_conv2d", [&] {
+        y = forward_from_csr<scalar_t>(x, crow.const_data_ptr<int32_t>(),
+                                       col.const_data_ptr<int32_t>(),
+                                       values.const_data_ptr<scalar_t>(),
+                                       has_bias ? b.const_data_ptr<scalar_t>() : nullptr, s);
+      });
+  return y;
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
 namespace sparse {
 
 bool take(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
   return take_sparse(kept, tokens, in, out);
+}
+
+void check_csr(const char* op, const Tensor& crow, const Tensor& col, const Tensor& values,
+               int64_t k) {
+  dst::check_csr(op, crow, col, values, k);
+}
+
+bool take_conv(int64_t kept, int64_t batch, int64_t in_channels, int64_t out_channels,
+               int64_t kernel, int64_t out_pixels) {
+  return take_at(kept, out_channels, in_channels * kernel,
+                 sparse_conv_crossover(batch, in_channels, out_channels, kernel, out_pixels));
+}
+
+std::tuple<Tensor, Tensor, Tensor> csr_from_counts(const Tensor& weight, const Tensor& t,
+                                                   const int64_t* counts) {
+  Compressed c;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_sparse_csr",
+      [&] { c = dst::csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts); });
+  return {c.crow, c.col, c.val};
 }
 
 Tensor product_from_counts(const Tensor& x, const Tensor& weight, const Tensor& t,
@@ -713,7 +1322,7 @@ Tensor product_from_counts(const Tensor& x, const Tensor& weight, const Tensor& 
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_sparse_product", [&] {
-        Compressed c = csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts);
+        Compressed c = dst::csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts);
         if (transpose) {
           c = transposed<scalar_t>(c, weight.size(0), weight.numel() / weight.size(0));
         }
@@ -722,10 +1331,49 @@ Tensor product_from_counts(const Tensor& x, const Tensor& weight, const Tensor& 
   return y;
 }
 
+Tensor conv2d_from_counts(const Tensor& x, const Tensor& weight, const Tensor& t,
+                          const int64_t* counts, const std::optional<Tensor>& bias,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation) {
+  const ConvShape s = shape_of("dst_conv2d", x.sizes(), weight.size(0), weight.size(2),
+                               weight.size(3), stride, padding, dilation);
+  auto [crow, col, val] = csr_from_counts(weight, t, counts);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor b = has_bias ? bias->contiguous() : Tensor();
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dst_conv2d", [&] {
+    y = forward_from_csr<scalar_t>(x, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+                                   val.const_data_ptr<scalar_t>(),
+                                   has_bias ? b.const_data_ptr<scalar_t>() : nullptr, s);
+  });
+  return y;
+}
+
+Tensor conv2d_grad_input_from_counts(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                     const Tensor& t, const int64_t* counts, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const ConvShape s = shape_of("dst_conv2d_grad_input", x.sizes(), weight.size(0), weight.size(2),
+                               weight.size(3), stride, padding, dilation);
+  TORCH_CHECK(grad_y.size(2) == s.oh && grad_y.size(3) == s.ow,
+              "dst_conv2d_grad_input: grad_y must be [", s.n, ", ", s.oc, ", ", s.oh, ", ", s.ow,
+              "] for this convolution, got ", grad_y.sizes());
+  TORCH_CHECK(s.ph <= s.keh() - 1 && s.pw <= s.kew() - 1,
+              "dst_conv2d_grad_input: the sparse path needs padding within the dilated kernel");
+  auto [crow, col, val] = csr_from_counts(weight, t, counts);
+  Tensor dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "dst_conv2d_grad_input", [&] {
+        dx = grad_input_from_csr<scalar_t>(grad_y, crow.const_data_ptr<int32_t>(),
+                                           col.const_data_ptr<int32_t>(),
+                                           val.const_data_ptr<scalar_t>(), s);
+      });
+  return dx;
+}
 }  // namespace sparse
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {
   m.impl("dst_sparse_mask", &dst::dst_sparse_mask_cpu);
   m.impl("dst_sparse_mm", &dst::dst_sparse_mm_cpu);
+  m.impl("dst_sparse_conv2d", &dst::dst_sparse_conv2d_cpu);
 }

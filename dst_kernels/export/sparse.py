@@ -1,10 +1,10 @@
 """Sparse inference: the kept weights in compressed form.
 
 ``to_sparse(model)`` gives inference modules that hold only the kept weights of each
-``DSTLinear`` in CSR form (int32 indices) and run the sparse kernel of
-``dst_kernels._C`` (``dst_sparse_mm``); ``save_sparse`` / ``load_sparse`` store that
-form. (``dst_kernels.sparse`` re-exports these names: a ``SparseLinear`` pickled under
-that path loads.)
+``DSTLinear`` and ``DSTConv2d`` in CSR form (int32 indices) and run the sparse kernels of
+``dst_kernels._C`` (``dst_sparse_mm``, ``dst_sparse_conv2d``); ``save_sparse`` /
+``load_sparse`` store that form. (``dst_kernels.sparse`` re-exports these names: a
+``SparseLinear`` pickled under that path loads.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from dst_kernels import _ops
 from dst_kernels.export.fold import fold
 from dst_kernels.nn.base import is_dst_layer
 
-__all__ = ["SparseLinear", "to_sparse", "save_sparse", "load_sparse", "SPARSE_FORMAT", "DEFAULT_MAX_DENSITY"]
+__all__ = [
+    "SparseLinear",
+    "SparseConv2d",
+    "to_sparse",
+    "save_sparse",
+    "load_sparse",
+    "SPARSE_FORMAT",
+    "DEFAULT_MAX_DENSITY",
+]
 
 SPARSE_FORMAT = "dst_kernels.sparse"
 _FORMAT_VERSION = 1
@@ -33,6 +41,7 @@ def _native() -> bool:
 
 # The product op, looked up once (SparseLinear.forward is on the per-call path).
 _SPARSE_MM = torch.ops.dst_kernels.dst_sparse_mm.default if _ops.has_op("dst_sparse_mm") else None
+_SPARSE_CONV2D = torch.ops.dst_kernels.dst_sparse_conv2d.default if _ops.has_op("dst_sparse_conv2d") else None
 
 
 def require_native(what: str) -> None:
@@ -42,7 +51,71 @@ def require_native(what: str) -> None:
         raise RuntimeError(f"{what} needs the compiled sparse ops ({reason}); {_ops.BUILD_HINT}")
 
 
-class SparseLinear(nn.Module):
+def _csr_of(weight: torch.Tensor, threshold: torch.Tensor | None):
+    """CSR (int32) of ``weight * (|weight| > threshold[row])`` over ``[rows, rest flattened]``."""
+    weight = weight.detach()
+    if threshold is None:
+        threshold = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    threshold = threshold.detach()
+    if _native() and weight.device.type == "cpu":
+        return torch.ops.dst_kernels.dst_sparse_mask(weight.contiguous(), threshold)
+    kept = weight.reshape(weight.shape[0], -1).abs() > threshold[:, None]
+    crow = torch.cat([kept.new_zeros(1, dtype=torch.int64), kept.sum(1).cumsum(0)])
+    col = kept.nonzero()[:, 1]
+    values = weight.reshape(kept.shape)[kept]
+    return crow, col, values
+
+
+def _check_csr_args(rows: int, crow_indices, col_indices, values, bias) -> None:
+    if crow_indices.shape != (rows + 1,):
+        raise ValueError(
+            f"crow_indices must have shape [{rows + 1}] (one more than the output rows), "
+            f"got {tuple(crow_indices.shape)}"
+        )
+    if col_indices.dim() != 1 or values.shape != col_indices.shape:
+        raise ValueError(
+            f"col_indices and values must be 1-D of one length, got {tuple(col_indices.shape)} "
+            f"and {tuple(values.shape)}"
+        )
+    if bias is not None and bias.shape != (rows,):
+        raise ValueError(f"bias must have shape [{rows}], got {tuple(bias.shape)}")
+
+
+def _dense_of_csr(crow_indices, col_indices, values, rows: int, cols: int) -> torch.Tensor:
+    index = torch.repeat_interleave(
+        torch.arange(rows, device=values.device), crow_indices[1:].long() - crow_indices[:-1].long()
+    )
+    out = values.new_zeros(rows, cols)
+    out[index, col_indices.long()] = values
+    return out
+
+
+class _CsrModule(nn.Module):
+    """Buffers ``crow_indices`` / ``col_indices`` / ``values`` / ``bias`` whose sizes a
+    state dict may change (nnz differs from model to model)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
+        for name in ("col_indices", "values"):
+            stored = state_dict.get(prefix + name)
+            if isinstance(stored, torch.Tensor) and stored.shape != self._buffers[name].shape:
+                self._buffers[name] = self._buffers[name].new_empty(stored.shape)
+        stored_bias = state_dict.get(prefix + "bias")
+        if self.bias is None and isinstance(stored_bias, torch.Tensor):
+            self._buffers["bias"] = self.values.new_empty(stored_bias.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+
+    def _register_csr(self, crow_indices, col_indices, values, bias) -> None:
+        self.register_buffer("crow_indices", crow_indices.to(torch.int32).contiguous())
+        self.register_buffer("col_indices", col_indices.to(torch.int32).contiguous())
+        self.register_buffer("values", values.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().contiguous())
+
+    @property
+    def nnz(self) -> int:
+        return self.col_indices.numel()
+
+
+class SparseLinear(_CsrModule):
     """Inference ``Linear`` on the kept weights only: ``y = x P^T + b`` with ``P`` in CSR.
 
     Buffers: ``crow_indices`` (int32, ``[out_features + 1]``), ``col_indices`` (int32,
@@ -61,46 +134,18 @@ class SparseLinear(nn.Module):
         bias: torch.Tensor | None = None,
     ):
         super().__init__()
-        if crow_indices.shape != (out_features + 1,):
-            raise ValueError(
-                f"crow_indices must have shape [{out_features + 1}] (out_features + 1), "
-                f"got {tuple(crow_indices.shape)}"
-            )
-        if col_indices.dim() != 1 or values.shape != col_indices.shape:
-            raise ValueError(
-                f"col_indices and values must be 1-D of one length, got {tuple(col_indices.shape)} "
-                f"and {tuple(values.shape)}"
-            )
-        if bias is not None and bias.shape != (out_features,):
-            raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
+        _check_csr_args(out_features, crow_indices, col_indices, values, bias)
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("crow_indices", crow_indices.to(torch.int32).contiguous())
-        self.register_buffer("col_indices", col_indices.to(torch.int32).contiguous())
-        self.register_buffer("values", values.detach().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone().contiguous())
+        self._register_csr(crow_indices, col_indices, values, bias)
 
     @classmethod
     @torch.no_grad()
     def from_dense(cls, weight: torch.Tensor, threshold: torch.Tensor | None = None, bias=None):
         """From a weight and its thresholds (kept: ``|W| > t[row]``), or without thresholds
         from the nonzeros of ``weight``."""
-        weight = weight.detach()
-        if threshold is None:
-            threshold = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        threshold = threshold.detach()
-        if _native() and weight.device.type == "cpu":
-            crow, col, values = torch.ops.dst_kernels.dst_sparse_mask(weight.contiguous(), threshold)
-        else:
-            kept = weight.reshape(weight.shape[0], -1).abs() > threshold[:, None]
-            crow = torch.cat([kept.new_zeros(1, dtype=torch.int64), kept.sum(1).cumsum(0)])
-            col = kept.nonzero()[:, 1]
-            values = weight.reshape(kept.shape)[kept]
+        crow, col, values = _csr_of(weight, threshold)
         return cls(weight.shape[1], weight.shape[0], crow, col, values, bias)
-
-    @property
-    def nnz(self) -> int:
-        return self.col_indices.numel()
 
     def density(self) -> float:
         return self.nnz / max(1, self.in_features * self.out_features)
@@ -108,13 +153,9 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """``P`` as a dense ``[out_features, in_features]`` tensor."""
-        rows = torch.repeat_interleave(
-            torch.arange(self.out_features, device=self.values.device),
-            self.crow_indices[1:].long() - self.crow_indices[:-1].long(),
+        return _dense_of_csr(
+            self.crow_indices, self.col_indices, self.values, self.out_features, self.in_features
         )
-        out = self.values.new_zeros(self.out_features, self.in_features)
-        out[rows, self.col_indices.long()] = self.values
-        return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # direct: Module.__getattr__ costs a microsecond per buffer
@@ -127,20 +168,115 @@ class SparseLinear(nn.Module):
             None if self.bias is None else self.bias.to(input.dtype),
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
-        # nnz differs from model to model: take the stored sizes.
-        for name in ("col_indices", "values"):
-            stored = state_dict.get(prefix + name)
-            if isinstance(stored, torch.Tensor) and stored.shape != self._buffers[name].shape:
-                self._buffers[name] = self._buffers[name].new_empty(stored.shape)
-        stored_bias = state_dict.get(prefix + "bias")
-        if self.bias is None and isinstance(stored_bias, torch.Tensor):
-            self._buffers["bias"] = self.values.new_empty(stored_bias.shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nnz={self.nnz}, density={self.density():.4f}, bias={self.bias is not None}"
+        )
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class SparseConv2d(_CsrModule):
+    """Inference ``Conv2d`` (groups 1) on the kept weights only: ``y = conv2d(x, P) + b`` with
+    ``P`` in CSR over ``[out_channels, in_channels * kh * kw]``.
+
+    Buffers as :class:`SparseLinear`'s. On the CPU the direct sparse convolution of
+    ``dst_kernels._C`` (``dst_sparse_conv2d``) runs it; elsewhere, or without the extension,
+    the weight is expanded to a dense one for ``F.conv2d``. No gradients: an inference module.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        padding_mode: str = "zeros",
+    ):
+        super().__init__()
+        _check_csr_args(out_channels, crow_indices, col_indices, values, bias)
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be integers, got {padding!r}; fold such a layer instead")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.padding_mode = padding_mode
+        self._register_csr(crow_indices, col_indices, values, bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, weight: torch.Tensor, threshold: torch.Tensor | None = None, bias=None, **conv):
+        """From a 4-D weight and its thresholds (kept: ``|W| > t[filter]``), or without
+        thresholds from its nonzeros; ``conv`` takes stride, padding, dilation, padding_mode."""
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be 4-D [out, in, kh, kw], got shape {tuple(weight.shape)}")
+        crow, col, values = _csr_of(weight, threshold)
+        return cls(weight.shape[1], weight.shape[0], weight.shape[2:], crow, col, values, bias, **conv)
+
+    def density(self) -> float:
+        kh, kw = self.kernel_size
+        return self.nnz / max(1, self.in_channels * kh * kw * self.out_channels)
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """``P`` as a dense ``[out_channels, in_channels, kh, kw]`` tensor."""
+        kh, kw = self.kernel_size
+        flat = _dense_of_csr(
+            self.crow_indices, self.col_indices, self.values, self.out_channels, self.in_channels * kh * kw
+        )
+        return flat.reshape(self.out_channels, self.in_channels, kh, kw)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        buffers = self._buffers
+        values = buffers["values"]
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            ph, pw = padding
+            input = F.pad(input, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = (0, 0)
+        if (
+            _SPARSE_CONV2D is not None
+            and input.is_cpu
+            and input.dtype == values.dtype
+            and input.dim() == 4
+            and input.numel() > 0
+        ):
+            return _SPARSE_CONV2D(
+                input,
+                buffers["crow_indices"],
+                buffers["col_indices"],
+                values,
+                buffers["bias"],
+                self.kernel_size,
+                self.stride,
+                padding,
+                self.dilation,
+            )
+        return F.conv2d(
+            input,
+            self.dense_weight().to(input.dtype),
+            None if self.bias is None else self.bias.to(input.dtype),
+            self.stride,
+            padding,
+            self.dilation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             f"nnz={self.nnz}, density={self.density():.4f}, bias={self.bias is not None}"
         )
 
@@ -156,33 +292,61 @@ def _sparse_linear_of(layer: nn.Module) -> SparseLinear | None:
     return SparseLinear.from_dense(weight, getattr(layer, pairs["weight"]), layer.bias)
 
 
+def _sparse_conv_of(layer: nn.Module) -> SparseConv2d | None:
+    """A SparseConv2d for a DST layer that masks a groups-1 Conv2d's weight by filters, else None."""
+    pairs = dict(getattr(layer, "_dst_pairs", ()))
+    if "weight" not in pairs or getattr(layer, "_dst_axes", {}).get("weight", 0) != 0:
+        return None
+    if getattr(layer, "groups", 1) != 1 or isinstance(getattr(layer, "padding", 0), str):
+        return None
+    weight = layer.dense_weight("weight") if hasattr(layer, "dense_weight") else layer.weight
+    if weight.dim() != 4:
+        return None
+    return SparseConv2d.from_dense(
+        weight,
+        getattr(layer, pairs["weight"]),
+        layer.bias,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        padding_mode=layer.padding_mode,
+    )
+
+
+# The plain class a DST layer folds to, and the sparse module it can become.
+_SPARSE_OF = {nn.Linear: _sparse_linear_of, nn.Conv2d: _sparse_conv_of}
+
+
 @torch.no_grad()
 def to_sparse(model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY) -> nn.Module:
     """A copy of ``model`` for inference on the kept weights.
 
-    Every DST layer that folds to a plain ``nn.Linear`` and keeps at most ``max_density`` of
-    its weights becomes a :class:`SparseLinear` (CSR of ``W * M``; the product runs in
-    ``dst_kernels._C`` on the CPU); the other DST layers (denser ones, convolutions,
-    LSTMs) are folded to their plain classes as :func:`dst_kernels.export.fold` does.
-    The copy computes ``model``'s eval-mode function; ``model`` is unchanged.
+    Every DST layer that folds to a plain ``nn.Linear`` or a groups-1 ``nn.Conv2d`` and keeps
+    at most ``max_density`` of its weights becomes a :class:`SparseLinear` or a
+    :class:`SparseConv2d` (CSR of ``W * M``; the products run in ``dst_kernels._C`` on the
+    CPU); the other DST layers (denser ones, grouped convolutions, LSTMs) are folded to their
+    plain classes as :func:`dst_kernels.export.fold` does. The copy computes ``model``'s
+    eval-mode function; ``model`` is unchanged.
     """
     if not 0.0 <= max_density <= 1.0:
         raise ValueError(f"max_density must be in [0, 1], got {max_density!r}")
-    if is_dst_layer(model) and type(fold(model)) is nn.Linear:
-        sparse = _sparse_linear_of(model)
+    if is_dst_layer(model):
+        make = _SPARSE_OF.get(type(fold(model)))
+        sparse = make(model) if make is not None else None
         if sparse is not None and sparse.density() <= max_density:
             return sparse.train(model.training)
     folded = fold(model)
     originals = dict(model.named_modules(remove_duplicate=False))
-    replaced: dict[int, SparseLinear] = {}
+    replaced: dict[int, nn.Module] = {}
     for parent_name, parent in list(folded.named_modules(remove_duplicate=False)):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             original = originals.get(full)
-            if type(child) is not nn.Linear or original is None or not is_dst_layer(original):
+            make = _SPARSE_OF.get(type(child))
+            if make is None or original is None or not is_dst_layer(original):
                 continue
             if id(child) not in replaced:
-                sparse = _sparse_linear_of(original)
+                sparse = make(original)
                 if sparse is None or sparse.density() > max_density:
                     continue
                 replaced[id(child)] = sparse.train(child.training)

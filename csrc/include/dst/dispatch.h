@@ -59,6 +59,14 @@ inline const auto& linear_grad_input_op() {
   return op;
 }
 
+inline const auto& conv2d_grad_input_op() {
+  static const auto op =
+      find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
+                     at::IntArrayRef, at::IntArrayRef, int64_t)>(
+          "dst_kernels::dst_conv2d_grad_input");
+  return op;
+}
+
 }  // namespace ops
 
 // dst_linear's arguments: a 2-D weight [out, in] and x with `in` features last.
@@ -74,6 +82,27 @@ inline void check_grad_input_args(const char* op, const at::Tensor& grad_y,
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have ",
               weight.size(0), " features in its last dimension, got ", grad_y.sizes());
+}
+
+// dst_conv2d_grad_input's arguments: 4-D grad_y [N, out, OH, OW], x [N, in, H, W], weight.
+inline void check_conv2d_grad_input_args(const char* op, const at::Tensor& grad_y,
+                                         const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D, got ", weight.sizes());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) && grad_y.size(1) == weight.size(0),
+              op, ": grad_y must be 4-D [", x.size(0), ", ", weight.size(0), ", OH, OW], got ",
+              grad_y.sizes());
+}
+
+// dX of a convolution with weight p by ATen (cuDNN / oneDNN / the CPU kernels).
+inline at::Tensor conv2d_grad_input_dense(const at::Tensor& grad_y, const at::Tensor& x,
+                                          const at::Tensor& p, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                          int64_t groups) {
+  const int64_t zeros[2] = {0, 0};
+  return std::get<0>(at::convolution_backward(grad_y, x, p, std::nullopt, stride, padding, dilation,
+                                              /*transposed=*/false, at::IntArrayRef(zeros, 2),
+                                              groups, {true, false, false}));
 }
 
 }  // namespace dst

@@ -1,0 +1,341 @@
+"""The sparse op family's convolutions: the direct sparse convolution over the kept taps of P
+(``dst_sparse_conv2d``, the sparse path of the CPU ``dst_conv2d`` and
+``dst_conv2d_grad_input``), and ``SparseConv2d`` / ``to_sparse`` for conv layers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_rel, rederive, row_length, tol_for
+from torch import nn
+
+import dst_kernels as dst
+from dst_kernels.sparse import SparseConv2d, SparseLinear, sparse_mode
+from dst_kernels.train.models import build_model
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
+)
+
+ops = torch.ops.dst_kernels
+
+# (n, c, h, w, oc, k, stride, padding, dilation): 1s, primes, widths under, at and over one
+# vector (8 / 16 lanes) and over the widest column chunk (64), strides 1-3, dilation 2, a
+# padding of the whole dilated kernel, batches that do not fill an image group.
+CASES = [
+    (1, 1, 1, 1, 1, 1, 1, 0, 1),
+    (2, 3, 7, 9, 5, 3, 1, 1, 1),
+    (3, 5, 11, 13, 7, 3, 2, 1, 1),
+    (4, 6, 12, 12, 9, 5, 1, 0, 1),
+    (2, 4, 10, 7, 3, 5, 2, 2, 1),
+    (2, 3, 9, 9, 4, 3, 1, 2, 2),
+    (5, 7, 6, 5, 3, 1, 1, 0, 1),
+    (3, 3, 8, 8, 4, 1, 2, 0, 1),
+    (33, 4, 5, 5, 3, 3, 1, 1, 1),
+    (2, 2, 17, 19, 3, 3, 3, 1, 1),
+    (1, 3, 5, 67, 2, 3, 1, 1, 1),
+    (3, 2, 9, 9, 3, 3, 1, 2, 1),
+]
+DENSITIES = [0.0, 0.05, 0.5, 1.0]
+
+
+def at_density(shape, density: float, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64)
+    rows = weight.reshape(shape[0], -1).abs()
+    if density <= 0.0:
+        threshold = rows.amax(1) + 1.0
+    elif density >= 1.0:
+        threshold = torch.full((shape[0],), -1.0, dtype=torch.float64)
+    else:
+        threshold = torch.quantile(rows, 1.0 - density, dim=1)
+    return weight.to(dtype), threshold.to(dtype)
+
+
+def _case(case, density, dtype=torch.float64, seed=0):
+    n, c, h, w, oc, k, s, p, d = case
+    weight, threshold = at_density((oc, c, k, k), density, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(oc, generator=g, dtype=torch.float64).to(dtype)
+    return x, weight, threshold, bias, [s, s], [p, p], [d, d]
+
+
+def _p(weight, threshold):
+    return weight * (weight.abs() > threshold.reshape(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("case", CASES)
+def test_sparse_conv2d_matches_conv2d(case, density, dtype):
+    x, weight, threshold, bias, s, p, d = _case(case, density, dtype)
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    k = list(weight.shape[2:])
+    ref = F.conv2d(x.double(), _p(weight, threshold).double(), bias.double(), s, p, d)
+    tol = tol_for(dtype)
+    assert_close_rel(ops.dst_sparse_conv2d(x, crow, col, values, bias, k, s, p, d), ref, tol, "y")
+    assert_close_rel(
+        ops.dst_sparse_conv2d(x, crow, col, values, None, k, s, p, d),
+        ref - bias.double().reshape(-1, 1, 1),
+        tol,
+    )
+
+
+@pytest.mark.parametrize("mode", ["always", "never", "auto"])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("case", CASES)
+def test_dst_conv2d_sparse_path_matches_spec(case, density, mode):
+    """Forward, dX (sparse below the crossover), dW and dt (dense + the estimator pass)."""
+    x, weight, threshold, bias, s, p, d = _case(case, density)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, threshold, bias)]
+    with sparse_mode(mode):
+        y, masked, t_eff = ops.dst_conv2d(*leaves, s, p, d, 1, None)
+        grad_y = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, grad_y)
+    pw = _p(weight, threshold)
+    assert torch.equal(masked, pw) and torch.equal(t_eff, threshold)
+    xr = x.clone().requires_grad_()
+    y_ref = F.conv2d(xr, pw, bias, s, p, d)
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, grad_y)
+    g_p = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, s, p, d)
+    _, gw_ref, gt_ref = rederive(weight, threshold, g_p)
+    assert_close_rel(y, y_ref, 1e-12, "y")
+    assert_close_rel(grads[0], dx_ref, 1e-12, "dx")
+    assert_close_rel(grads[1], gw_ref, 1e-12, "dW")
+    assert_close_rel(grads[2], gt_ref, 1e-12 * row_length(weight), "dt")
+    assert_close_rel(grads[3], grad_y.sum((0, 2, 3)), 1e-12, "db")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_sparse_conv_low_precision(dtype):
+    case = (4, 6, 12, 12, 9, 3, 1, 1, 1)
+    x, weight, threshold, bias, s, p, d = _case(case, 0.2, dtype)
+    gy = torch.randn(4, 9, 12, 12).to(dtype)
+    with sparse_mode("always"):
+        y = ops.dst_conv2d(x, weight, threshold, bias, s, p, d, 1, None)[0]
+        dx = ops.dst_conv2d_grad_input(gy, x, weight, threshold, s, p, d, 1)
+    assert y.dtype == dtype and dx.dtype == dtype
+    pw = _p(weight, threshold).double()
+    tol = tol_for(dtype)
+    assert_close_rel(y, F.conv2d(x.double(), pw, bias.double(), s, p, d), tol, "y")
+    xr = x.double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(F.conv2d(xr, pw, None, s, p, d), xr, gy.double())
+    assert_close_rel(dx, dx_ref, tol, "dx")
+
+
+def test_sparse_conv_reset_rule():
+    x, weight, threshold, bias, s, p, d = _case((2, 3, 7, 9, 5, 3, 1, 1, 1), 0.0)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, threshold)]
+    with sparse_mode("always"):
+        y, masked, t_eff = ops.dst_conv2d(*leaves, None, s, p, d, 1, 0.01)
+        (dx,) = torch.autograd.grad(y.sum(), leaves[0])
+    assert torch.equal(t_eff, torch.zeros_like(threshold)) and torch.equal(masked, weight)
+    assert_close_rel(y, F.conv2d(x, weight, None, s, p, d), 1e-12, "y")
+    xr = x.clone().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(F.conv2d(xr, weight, None, s, p, d).sum(), xr)
+    assert_close_rel(dx, dx_ref, 1e-12, "dx")
+
+
+@pytest.mark.parametrize(
+    "case", [(32, 16, 8, 8, 24, 3, 1, 1, 1), (3, 16, 16, 16, 24, 3, 1, 1, 1), (7, 5, 12, 12, 11, 5, 2, 2, 1)]
+)
+def test_sparse_conv_deterministic_and_thread_independent(case):
+    x, weight, threshold, bias, s, p, d = _case(case, 0.05, torch.float32)
+    gy = torch.randn(F.conv2d(x, weight, None, s, p, d).shape)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        with sparse_mode("always"):
+            for n in (2, 2, 1, 3):
+                torch.set_num_threads(n)
+                y = ops.dst_conv2d(x, weight, threshold, bias, s, p, d, 1, None)[0]
+                dx = ops.dst_conv2d_grad_input(gy, x, weight, threshold, s, p, d, 1)
+                out.append((y, dx))
+    finally:
+        torch.set_num_threads(threads)
+    for y, dx in out[1:]:
+        assert torch.equal(y, out[0][0]) and torch.equal(dx, out[0][1])
+
+
+def test_sparse_conv_layouts_and_fallbacks():
+    """Non-contiguous inputs and gradients, channels_last (dense path), groups (dense path)."""
+    x, weight, threshold, bias, s, p, d = _case((3, 4, 9, 11, 6, 3, 1, 1, 1), 0.3)
+    pw = _p(weight, threshold)
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # strided x
+    assert not xt.is_contiguous()
+    assert_close_rel(
+        ops.dst_sparse_conv2d(xt, crow, col, values, bias, [3, 3], s, p, d),
+        F.conv2d(x, pw, bias, s, p, d),
+        1e-12,
+    )
+    with sparse_mode("always"):
+        cl = x.contiguous(memory_format=torch.channels_last)
+        y = ops.dst_conv2d(cl, weight, threshold, bias, s, p, d, 1, None)[0]
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert_close_rel(y, F.conv2d(x, pw, bias, s, p, d), 1e-12, "channels_last")
+        g = torch.ones(1, 1, 1, 1, dtype=torch.float64).expand(3, 6, 9, 11)  # stride-0 gradient
+        xr = x.clone().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(F.conv2d(xr, pw, None, s, p, d), xr, g)
+        assert_close_rel(
+            ops.dst_conv2d_grad_input(g, x, weight, threshold, s, p, d, 1), dx_ref, 1e-12, "expanded dY"
+        )
+        wg, tg = at_density((6, 2, 3, 3), 0.3)
+        y = ops.dst_conv2d(x, wg, tg, None, s, p, d, 2, None)[0]
+        assert_close_rel(y, F.conv2d(x, _p(wg, tg), None, s, p, d, 2), 1e-12, "groups 2")
+
+
+def test_sparse_conv2d_bad_input():
+    x, weight, threshold, bias, s, p, d = _case((2, 3, 7, 9, 5, 3, 1, 1, 1), 0.3)
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        ops.dst_sparse_conv2d(x[0], crow, col, values, bias, [3, 3], s, p, d)
+    with pytest.raises(RuntimeError, match="values have dtype"):
+        ops.dst_sparse_conv2d(x.float(), crow, col, values, bias, [3, 3], s, p, d)
+    with pytest.raises(RuntimeError, match=r"col_indices must lie in \[0, 18\)"):
+        ops.dst_sparse_conv2d(x[:, :2], crow, col, values, bias, [3, 3], s, p, d)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        ops.dst_sparse_conv2d(x, crow, col, values, bias[:2], [3, 3], s, p, d)
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        ops.dst_sparse_conv2d(x, crow, col, values, bias, [3, 3], [0, 1], p, d)
+    with pytest.raises(RuntimeError, match="padding must be non-negative"):
+        ops.dst_sparse_conv2d(x, crow, col, values, bias, [3, 3], s, [-1, 0], d)
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        ops.dst_sparse_conv2d(x, crow, col, values, bias, [3, 3], s, [0, 0], [5, 5])
+    with pytest.raises(RuntimeError, match="kernel_size must be"):
+        ops.dst_sparse_conv2d(x, crow, col, values, bias, [0, 3], s, p, d)
+    with pytest.raises(RuntimeError, match="grad_y must be 4-D"):
+        ops.dst_conv2d_grad_input(
+            torch.randn(2, 4, 7, 9, dtype=torch.float64), x, weight, threshold, s, p, d, 1
+        )
+
+
+def test_opcheck_sparse_conv_ops():
+    x, weight, threshold, bias, s, p, d = _case((2, 3, 7, 9, 5, 3, 2, 1, 1), 0.3)
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    torch.library.opcheck(ops.dst_sparse_conv2d.default, (x, crow, col, values, bias, [3, 3], s, p, d))
+    torch.library.opcheck(ops.dst_sparse_conv2d.default, (x, crow, col, values, None, [3, 3], s, p, d))
+    gy = torch.randn(2, 5, 4, 5, dtype=torch.float64)
+    for mode in ("always", "never"):
+        with sparse_mode(mode):
+            torch.library.opcheck(ops.dst_conv2d_grad_input.default, (gy, x, weight, threshold, s, p, d, 1))
+            torch.library.opcheck(ops.dst_conv2d.default, (x, weight, threshold, bias, s, p, d, 1, None))
+
+
+def test_conv_crossover():
+    for shape in [(32, 128, 128, 9, 256), (64, 20, 50, 25, 64), (1, 3, 64, 9, 1024)]:
+        assert 0.0 <= dst.sparse.conv_crossover(*shape) <= 1.0
+
+
+def test_dst_conv2d_module_native_matches_reference():
+    torch.manual_seed(0)
+    layer = dst.DSTConv2d(5, 7, 3, padding=1, min_density=None).double()
+    with torch.no_grad():
+        layer.threshold.copy_(torch.quantile(layer.weight.abs().flatten(1), 0.95, dim=1))
+    x = torch.randn(3, 5, 11, 11, dtype=torch.float64, requires_grad=True)
+    outs = {}
+    for backend in ("reference", "native"):
+        layer.backend = backend
+        with sparse_mode("always"):
+            y = layer(x)
+            outs[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()]))
+    for name, a, b in zip(["y", "dx", "dW", "db", "dt"], outs["native"], outs["reference"]):
+        assert_close_rel(a, b, 1e-12 * (45 if name == "dt" else 1), name)
+
+
+def test_dst_conv2d_compiles_on_sparse_path():
+    torch.manual_seed(0)
+    layer = dst.DSTConv2d(4, 6, 3, padding=1, min_density=None)
+    with torch.no_grad():
+        layer.threshold.copy_(torch.quantile(layer.weight.abs().flatten(1), 0.9, dim=1))
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    with sparse_mode("always"):
+        y_eager = layer(x)
+        g_eager = torch.autograd.grad(y_eager.sum(), [x, *layer.parameters()])
+        y = compiled(x)
+        g = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
+    assert torch.equal(y, y_eager)
+    for a, b in zip(g, g_eager):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- inference export
+
+
+def _sparse_model(name: str, density: float, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = dst.sparsify(build_model(name))
+    with torch.no_grad():
+        for m in model.modules():
+            if dst.is_dst_layer(m):
+                m.threshold.copy_(torch.quantile(m.weight.abs().flatten(1), 1.0 - density, dim=1))
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics for eval
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, shape", [("lenet5", (1, 28, 28)), ("vgg16", (3, 32, 32))])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_to_sparse_conv_models_match_fold(name, shape, batch):
+    model = _sparse_model(name, 0.05)
+    sparse = dst.export.to_sparse(model)
+    convs = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len(convs) == n_convs and not any(dst.is_dst_layer(m) for m in sparse.modules())
+    assert any(isinstance(m, SparseLinear) for m in sparse.modules())
+    x = torch.randn(batch, *shape)
+    with torch.no_grad():
+        assert_close_rel(sparse(x), dst.export.fold(model)(x), tol_for(torch.float32), "logits")
+        assert_close_rel(sparse(x), model(x), tol_for(torch.float32), "logits vs DST model")
+
+
+def test_sparse_conv2d_module_options():
+    """Stride, dilation, reflect padding, a dense fallback for another dtype, and a layer."""
+    torch.manual_seed(0)
+    for kwargs in (
+        {"stride": 2, "padding": 1},
+        {"dilation": 2, "padding": 2},
+        {"padding": 1, "padding_mode": "reflect"},
+    ):
+        layer = dst.DSTConv2d(3, 5, 3, min_density=None, **kwargs).eval()
+        with torch.no_grad():
+            layer.threshold.copy_(torch.quantile(layer.weight.abs().flatten(1), 0.8, dim=1))
+        sparse = dst.export.to_sparse(layer)
+        assert isinstance(sparse, SparseConv2d)
+        x = torch.randn(2, 3, 10, 9)
+        with torch.no_grad():
+            assert_close_rel(sparse(x), layer(x), tol_for(torch.float32), str(kwargs))
+            assert_close_rel(sparse(x.double()), layer.double()(x.double()), 1e-6, "fallback")
+        layer.float()
+    grouped = dst.DSTConv2d(4, 4, 3, groups=2)
+    with torch.no_grad():
+        grouped.threshold.fill_(10.0)
+    assert type(dst.export.to_sparse(grouped)) is nn.Conv2d  # grouped: folded dense
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        SparseConv2d.from_dense(torch.randn(3, 4))
+
+
+def test_sparse_conv2d_state_dict_compile_and_files(tmp_path):
+    model = _sparse_model("lenet5", 0.0164)
+    sparse = dst.export.to_sparse(model)
+    other = dst.export.to_sparse(_sparse_model("lenet5", 0.1, seed=1))
+    other.load_state_dict(sparse.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(other(x), sparse(x))
+        compiled = torch.compile(sparse, fullgraph=True)
+        assert_close_rel(compiled(x), sparse(x), tol_for(torch.float32), "compiled")
+    path = tmp_path / "lenet5.sparse.pt"
+    dst.export.save_sparse(model, path)
+    loaded = dst.export.load_sparse(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sparse(x))
+    dense_path = tmp_path / "lenet5.dense.pt"
+    torch.save(dst.export.fold(model).state_dict(), dense_path)
+    assert path.stat().st_size < 0.2 * dense_path.stat().st_size
