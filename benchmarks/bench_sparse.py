@@ -7,13 +7,24 @@ Cases have a ``density`` (thresholds set per row to keep that fraction; reset ru
   (the native backend, which takes the sparse kernels below the density crossover) and
   ``native-dense`` (the native backend held on its dense GEMMs, as before the sparse
   kernels);
+* mode ``step``, shape ``(N, C, H, W, out, k)``: one training step of a ``DSTConv2d`` layer
+  (gradients of x, W, t and b): ``dense`` (``nn.Conv2d``), ``native``, ``native-dense``, and
+  the peer SparseProp's ``SparseConv2d`` (static mask, dW at the kept weights only) with its
+  kernels vectorised over the batch (``sparseprop``) and over the output width
+  (``sparseprop-on``);
 * mode ``forward``, shape ``(batch, 784, 300, 100)``: LeNet-300-100 inference, eval mode,
   no grad: ``dense`` (``export.fold``), ``torch-sparse`` (the folded weights as
-  ``torch.sparse_csr`` tensors) and ``native`` (``export.to_sparse``).
+  ``torch.sparse_csr`` tensors), ``native`` (``export.to_sparse``) and ``sparseprop`` (its
+  ``SparseLinear``); shape ``(batch, C, H, W)``: LeNet-5 (1x28x28) and VGG-16 (3x32x32)
+  inference, ``dense`` against ``native``.
+
+SparseProp (``pip install --no-build-isolation sparseprop==0.1.14``) joins where it imports;
+elsewhere a warning says why its columns are missing. Its step on a Linear also uses its
+``SparseLinear``.
 
 ``python -m benchmarks.bench_sparse`` sweeps densities and prints where the sparse path of
-the training step overtakes the dense one, per shape (the crossover table of
-``csrc/cpu/sparse.cpp`` comes from it).
+the training step overtakes the dense one, per shape (the crossover tables of
+``csrc/cpu/sparse.cpp`` come from it; ``--shapes`` takes conv shapes too).
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ def _median_times(steps: dict, rounds: int, inner: int) -> dict:
 
 
 def sweep(shape, densities, rounds: int) -> list[tuple[float, float, float]]:
-    """(density, sparse-path step / dense-path step, dense-path step / nn.Linear step) per density."""
+    """(density, sparse-path step / dense-path step, dense-path step / dense-layer step) per
+    density, for a DSTLinear (tokens, in, out) or a DSTConv2d (N, C, H, W, out, k) step."""
     from benchmarks.harness import Case
 
     rows = []
@@ -61,7 +73,7 @@ def sweep(shape, densities, rounds: int) -> list[tuple[float, float, float]]:
         }
         for fn in steps.values():
             fn()
-        work = shape[0] * shape[1] * shape[2]
+        work = shape[0] * shape[1] * shape[2] * (shape[4] * shape[5] ** 2 if len(shape) == 6 else 1)
         found = _median_times(steps, rounds, max(1, min(20, int(2e8 // work))))
         rows.append((density, found["sparse"] / found["dense-path"], found["dense-path"] / found["linear"]))
     return rows
@@ -70,9 +82,14 @@ def sweep(shape, densities, rounds: int) -> list[tuple[float, float, float]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_sparse",
-        description="Density sweep of the DSTLinear training step: sparse path against dense path.",
+        description="Density sweep of the DSTLinear / DSTConv2d training step: sparse path against "
+        "dense path.",
     )
-    p.add_argument("--shapes", default="1x784x300,64x784x300,64x300x100,256x1024x1024,1024x4096x1024")
+    p.add_argument(
+        "--shapes",
+        default="1x784x300,64x784x300,64x300x100,256x1024x1024,1024x4096x1024",
+        help="tokens x in x out (DSTLinear) or N x C x H x W x out x k (DSTConv2d), comma-separated",
+    )
     p.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.3,0.5")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)

@@ -84,6 +84,35 @@ SPARSE_INFERENCE = {
     "gpu-quick": [],
     "gpu": [],
 }
+# The sparse family's conv cases: one DSTConv2d training step (N, C, H, W, out, k) at the
+# densities listed with it (the paper's 3x3 layers of VGG-16, WRN-16-8 and ResNet-50 at batch
+# 32, LeNet-5's second 5x5 conv at batch 64), and conv-model inference (batch, C, H, W):
+# LeNet-5 at 1.64 % and VGG-16 at 3.76 % (the paper's densities).
+SPARSE_CONV_STEP = {
+    "smoke": [((2, 3, 6, 6, 4, 3), [0.05])],
+    "cpu": [
+        ((64, 20, 12, 12, 50, 5), [0.02, 1.0]),
+        ((32, 128, 16, 16, 128, 3), [0.05, 1.0]),
+        ((32, 256, 8, 8, 256, 3), [0.05, 1.0]),
+        ((32, 128, 32, 32, 128, 3), [0.05, 1.0]),
+        ((32, 64, 56, 56, 64, 3), [0.05, 1.0]),
+    ],
+    "gpu-quick": [],
+    "gpu": [],
+}
+SPARSE_CONV_STEP["cpu-full"] = SPARSE_CONV_STEP["cpu"]
+SPARSE_CONV_INFERENCE = {
+    "smoke": [((2, 1, 28, 28), 0.0164)],
+    "cpu": [
+        ((1, 1, 28, 28), 0.0164),
+        ((32, 1, 28, 28), 0.0164),
+        ((1, 3, 32, 32), 0.0376),
+        ((32, 3, 32, 32), 0.0376),
+    ],
+    "gpu-quick": [],
+    "gpu": [],
+}
+SPARSE_CONV_INFERENCE["cpu-full"] = SPARSE_CONV_INFERENCE["cpu"]
 SPARSE_DENSITIES = {
     "smoke": [0.03],
     "cpu": [0.03, 1.0],
@@ -157,4 +186,7 @@ def _sparse_cases(size: str, device: str) -> list[Case]:
         out += [Case("sparse", s, torch.float32, "step", device, density) for s in SPARSE_STEP[size]]
     for density in SPARSE_DENSITIES[size][:1]:
         out += [Case("sparse", s, torch.float32, "forward", device, density) for s in SPARSE_INFERENCE[size]]
+    for shape, densities in SPARSE_CONV_STEP[size]:
+        out += [Case("sparse", shape, torch.float32, "step", device, d) for d in densities]
+    out += [Case("sparse", s, torch.float32, "forward", device, d) for s, d in SPARSE_CONV_INFERENCE[size]]
     return out

@@ -27,6 +27,8 @@ IMPLS = (
     "ao-fakesparsity",
     "reference",
     "torch-sparse",
+    "sparseprop",
+    "sparseprop-on",
     "native-dense",
     "native",
     "triton",
@@ -39,7 +41,8 @@ OURS = ("native", "triton", "triton-igemm")
 class Case:
     op: str  # linear | conv2d | lstm | mask | weight_grad
     # linear: (tokens, in, out); conv2d: (N, C, H, W, out, k); lstm: (batch, steps, in, hidden);
-    # mask, weight_grad: (rows, cols)
+    # mask, weight_grad: (rows, cols); sparse: a linear or conv2d step shape, or an inference
+    # model's input (benchmarks/sparse_steps.py)
     shape: tuple
     dtype: torch.dtype
     mode: str  # forward | backward | step

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from benchmarks.harness import IMPLS, OURS
 
-BASES = ("paper", "paper-sync", "reference", "native-dense", "torch-sparse")
+BASES = ("paper", "paper-sync", "reference", "native-dense", "torch-sparse", "sparseprop", "sparseprop-on")
 
 
 def _key(r):
@@ -110,7 +110,7 @@ def write_report(results: dict, path: str) -> None:
         ratio_cols = [f"{o}/dense" for o in ours if "dense" in present] + [
             f"{b}/{o}"
             for o in ours
-            for b in ("paper", "reference", "native-dense", "torch-sparse")
+            for b in ("paper", "reference", "native-dense", "torch-sparse", "sparseprop", "sparseprop-on")
             if b in present
         ]
         lines += ["", f"## {op} {mode} ({dtype})", ""]

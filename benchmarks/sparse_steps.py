@@ -1,7 +1,11 @@
-"""The sparse family's implementations: a DST training step held on each path, and the
-LeNet-300-100 inference models (``bench_sparse.py`` runs them; the harness builds them)."""
+"""The sparse family's implementations: a DST training step held on each path, the inference
+models (LeNet-300-100, LeNet-5, VGG-16), and the peer SparseProp where it is installed
+(``bench_sparse.py`` runs them; the harness builds them)."""
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 from torch import nn
@@ -9,14 +13,44 @@ from torch import nn
 import dst_kernels as dst
 from dst_kernels.sparse import sparse_mode
 
-__all__ = ["build_sparse_step", "sparse_impls"]
+__all__ = ["build_sparse_step", "sparse_impls", "sparseprop_missing", "is_conv", "CONV_MODELS"]
+
+# The peer's registry release; it compiles with -march=native on install.
+SPARSEPROP = "sparseprop==0.1.14"
+# Conv inference cases: (batch, channels, height, width) picks the model.
+CONV_MODELS = {(1, 28, 28): "lenet5", (3, 32, 32): "vgg16"}
+
+
+@functools.cache
+def sparseprop_missing() -> str | None:
+    """None where SparseProp imports, else why not (the peer's columns are then left out)."""
+    try:
+        import sparseprop.modules  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure to build or import means no peer
+        reason = f"SparseProp is not importable ({type(e).__name__}: {e}); install it with " + (
+            f"pip install --no-build-isolation {SPARSEPROP} (needs scipy)"
+        )
+        warnings.warn(reason + ": its peer columns are left out", stacklevel=2)
+        return reason
+    return None
+
+
+def is_conv(case) -> bool:
+    """A conv case: a training step of one conv layer (N, C, H, W, out, k), or conv-model inference."""
+    return len(case.shape) == 6 or (case.mode == "forward" and tuple(case.shape[1:]) in CONV_MODELS)
 
 
 def sparse_impls(case) -> list[str]:
     native = "native" in dst.available_backends(case.device)
+    # The peer stores a static mask: it is measured at the sparse densities only.
+    peers = [] if sparseprop_missing() or case.density >= 0.5 else ["sparseprop"]
     if case.mode == "forward":
-        return ["dense", "torch-sparse"] + (["native"] if native else [])
-    return ["dense"] + (["native-dense", "native"] if native else [])
+        if is_conv(case):
+            return ["dense"] + (["native"] if native else [])
+        return ["dense", "torch-sparse"] + (["native"] if native else []) + peers
+    if is_conv(case) and peers:
+        peers = ["sparseprop", "sparseprop-on"]
+    return ["dense"] + peers + (["native-dense", "native"] if native else [])
 
 
 def _thresholds_for(weight: torch.Tensor, density: float) -> torch.Tensor:
@@ -42,13 +76,50 @@ def held(mode: str, fn):
     return run
 
 
+def _conv_layers(impl: str, case):
+    n, c, h, w, oc, k = case.shape
+    pad, bias = (0, True) if k == 5 else (k // 2, False)  # LeNet-5's 5x5 convs have biases
+    torch.manual_seed(0)
+    if impl == "dense":
+        layer = nn.Conv2d(c, oc, k, padding=pad, bias=bias, dtype=case.dtype)
+    else:
+        layer = dst.DSTConv2d(c, oc, k, padding=pad, bias=bias, min_density=None, backend="native")
+        layer = layer.to(case.dtype)
+        with torch.no_grad():
+            layer.threshold.copy_(_thresholds_for(layer.weight.flatten(1), case.density))
+        if impl.startswith("sparseprop"):
+            from sparseprop.modules import SparseConv2d
+
+            layer = SparseConv2d.from_dense(
+                dst.export.fold(layer), vectorizing_over_on=impl == "sparseprop-on"
+            )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=g).to(case.dtype).requires_grad_(True)
+    out = (h + 2 * pad - k + 1, w + 2 * pad - k + 1)
+    grad = torch.randn(n, oc, *out, generator=g).to(case.dtype)
+    return layer.train(), x, grad
+
+
 def training_step(impl: str, case):
+    if len(case.shape) == 6:
+        layer, x, grad = _conv_layers(impl, case)
+        wrt = [*layer.parameters(), x]
+
+        def conv_step():
+            torch.autograd.grad(layer(x), wrt, grad)
+
+        return held("never", conv_step) if impl == "native-dense" else conv_step
     tokens, k, n = case.shape
     if impl == "dense":
         torch.manual_seed(0)
         layer = nn.Linear(k, n, dtype=case.dtype)
     else:
         layer = _dst_linear(k, n, case.density, case.dtype)
+        if impl == "sparseprop":
+            from sparseprop.modules import SparseLinear as PeerLinear
+
+            folded = dst.export.fold(layer)
+            layer = PeerLinear(folded.weight.detach(), nn.Parameter(folded.bias.detach().clone()))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, k, generator=g).to(case.dtype).requires_grad_(True)
     grad = torch.randn(tokens, n, generator=g).to(case.dtype)
@@ -72,30 +143,38 @@ class _TorchSparseLinear(nn.Module):
         return torch.addmm(self.bias[:, None], self.weight, x.t()).t()
 
 
-def _lenet(density: float) -> nn.Module:
-    from dst_kernels.train.models import lenet_300_100
+def _model(name: str, density: float) -> nn.Module:
+    from dst_kernels.train.models import build_model
 
     torch.manual_seed(0)
-    model = dst.sparsify(lenet_300_100(), backend="native")
+    model = dst.sparsify(build_model(name), backend="native")
     with torch.no_grad():
         for m in model.modules():
             if dst.is_dst_layer(m):
-                m.threshold.copy_(_thresholds_for(m.weight, density))
+                m.threshold.copy_(_thresholds_for(m.weight.flatten(1), density))
     return model.eval()
 
 
 def _inference_step(impl: str, case):
     batch = case.shape[0]
-    model = _lenet(case.density)
+    name = CONV_MODELS.get(tuple(case.shape[1:]), "lenet300")
+    model = _model(name, case.density)
     if impl == "native":
         net = dst.export.to_sparse(model, max_density=1.0)
     else:
         net = dst.export.fold(model)
-        if impl == "torch-sparse":
+        if impl in ("torch-sparse", "sparseprop"):
             for i, m in enumerate(net):
-                if type(m) is nn.Linear:
+                if type(m) is not nn.Linear:
+                    continue
+                if impl == "torch-sparse":
                     net[i] = _TorchSparseLinear(m)
-    x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(case.dtype)
+                else:
+                    from sparseprop.modules import SparseLinear as PeerLinear
+
+                    net[i] = PeerLinear(m.weight.detach(), nn.Parameter(m.bias.detach().clone()))
+    shape = case.shape[1:] if name != "lenet300" else (1, 28, 28)
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1)).to(case.dtype)
 
     def step():
         with torch.no_grad():

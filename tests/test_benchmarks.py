@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import dst_kernels as dst
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,12 +47,28 @@ def test_benchmark_suite_smoke(tmp_path):
     records = results["records"]
     ops = {r["op"] for r in records}
     assert ops == {"linear", "conv2d", "lstm", "mask", "weight_grad", "sparse"}
-    sparse = [r for r in records if r["op"] == "sparse"]
+    from benchmarks.sparse_steps import sparseprop_missing
+
+    sparse = [
+        r
+        for r in records
+        if r["op"] == "sparse" and (len(r["shape"]) == 3 or r["shape"][1:] == [784, 300, 100])
+    ]
     expected = {("step", "dense"), ("forward", "dense"), ("forward", "torch-sparse")}
     if "native" in dst.available_backends("cpu"):
         expected |= {("step", "native-dense"), ("step", "native"), ("forward", "native")}
+    if not sparseprop_missing():
+        expected |= {("step", "sparseprop"), ("forward", "sparseprop")}
     assert {(r["mode"], r["impl"]) for r in sparse} == expected
     assert all(r["density"] == 0.03 for r in sparse)
+    # the conv cases: a DSTConv2d step (and SparseProp's two kernels), LeNet-5 inference
+    conv = [r for r in records if r["op"] == "sparse" and r not in sparse]
+    expected = {("step", "dense"), ("forward", "dense")}
+    if "native" in dst.available_backends("cpu"):
+        expected |= {("step", "native-dense"), ("step", "native"), ("forward", "native")}
+    if not sparseprop_missing():
+        expected |= {("step", "sparseprop"), ("step", "sparseprop-on")}
+    assert {(r["mode"], r["impl"]) for r in conv} == expected
     impls = {r["impl"] for r in records if r["op"] == "linear"}
     assert {"dense", "paper", "ao-fakesparsity", "reference"} <= impls
     assert {r["impl"] for r in records if r["op"] == "lstm"} >= {"dense", "reference"}
@@ -101,6 +119,19 @@ def test_compare_flags_a_worse_ratio(tmp_path):
     assert compare(results(1.0), results(1.05)) == []
     worse = compare(results(1.0), results(1.2))
     assert any("native/dense" in w for w in worse) and any("paper/native" in w for w in worse)
+
+
+def test_the_sparseprop_peer_is_installed_in_the_test_environment():
+    """make test installs the peer (a test-environment extra); where it cannot build the reason
+    shows here and in the benchmark's warning."""
+    from benchmarks.sparse_steps import sparseprop_missing
+
+    reason = sparseprop_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    from sparseprop.modules import SparseConv2d
+
+    assert SparseConv2d is not None
 
 
 def test_every_record_times_the_implementation_it_names():

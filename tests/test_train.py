@@ -445,6 +445,8 @@ def _no_cuda():
         (["--dataset", "cifar10"], "pass --data-dir"),
         (["--dataset", "cifar10", "--preprocess", "official"], "--preprocess official is for the MNIST"),
         (["--alpha-max", "1e-2"], "pass --target-density too"),
+        (["--init-density", "0"], "--init-density must be a fraction in (0, 1]"),
+        (["--init-density", "1.5"], "--init-density must be a fraction in (0, 1]"),
         (["--target-density", "0.1", "--alpha-max", "0"], "--alpha-max must be a positive number"),
         (["--target-density", "0.1", "--alpha", "1e-3", "--alpha-max", "1e-4"], "below the starting --alpha"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "data_batch_1"),
@@ -461,6 +463,55 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
 def test_cuda_device_without_cuda(tmp_path, capsys):
     err = _one_line_error(*run_cli(capsys, "--device", "cuda", "--out", tmp_path / "run"))
     assert "CUDA is not available here" in err
+
+
+def test_init_thresholds_keep_that_fraction_of_every_row():
+    import dst_kernels as dst
+    from dst_kernels.train.models import build_model
+
+    for name in ("lenet300", "lenet5", "lstm_a"):
+        torch.manual_seed(0)
+        model = dst.sparsify(build_model(name))
+        cli.init_thresholds_(model, 0.05)
+        for layer in model.modules():
+            if not dst.is_dst_layer(layer):
+                continue
+            for weight_name, threshold_name in layer._dst_pairs:
+                w = (
+                    layer._parameters[weight_name]
+                    .detach()
+                    .abs()
+                    .reshape(getattr(layer, threshold_name).shape[0], -1)
+                )
+                kept = (w > getattr(layer, threshold_name)[:, None]).sum(1)
+                expected = max(1, round(0.05 * w.shape[1]))
+                assert torch.equal(kept, torch.full_like(kept, expected)), (name, weight_name)
+        cli.init_thresholds_(model, 1.0)
+        assert dst.sparsity_report(model).density == 1.0
+
+
+def test_init_density_run_starts_there(tmp_path, mnist_dir, capsys):
+    import dst_kernels as dst
+
+    seen = []
+
+    def first_step(trainer):
+        if not seen:  # after the first optimizer step: one small SGD move from 5 % per row
+            seen.append(dst.sparsity_report(trainer.model).density)
+
+    argv = ["--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "1", "--no-progress"]
+    rc, err = run_cli(
+        capsys,
+        *argv,
+        "--init-density",
+        "0.05",
+        "--no-dense-baseline",
+        "--out",
+        tmp_path / "run",
+        on_step=first_step,
+    )
+    assert rc == 0, err
+    assert seen and 0.03 < seen[0] < 0.08, seen
 
 
 def test_one_training_image_is_refused(tmp_path, capsys, mnist_dir):

@@ -84,16 +84,23 @@ double sparse_crossover(int64_t tokens, int64_t in, int64_t out) {
   return 0.3;
 }
 
-// Measured with `python -m benchmarks.bench_sparse --conv-sweep` (a DSTConv2d training step,
-// sparse path against dense path) on the same machine; see the README, "Sparse convolution".
+// Measured with `python -m benchmarks.bench_sparse --shapes N,C,H,W,out,k ...` (a DSTConv2d
+// training step, sparse path against dense path, densities 0.05 .. 0.4, single sweeps) on the
+// same 2-core machine; the values sit at or below the crossovers seen (README, "Sparse
+// convolution"). What moves it is how many outputs a kept tap feeds: few output pixels (the
+// 4 x 4 and 2 x 2 layers, batch 1) leave the per-tap cost unpaid, and the dense GEMM wins.
 double sparse_conv_crossover(int64_t batch, int64_t in_channels, int64_t out_channels,
                              int64_t kernel, int64_t out_pixels) {
-  (void)batch;
   (void)in_channels;
   (void)out_channels;
-  (void)kernel;
-  (void)out_pixels;
-  return 0.3;
+  const int64_t positions = batch * out_pixels;
+  if (positions < 1024) {
+    return 0.0;
+  }
+  if (kernel >= 25 || out_pixels >= 1024) {
+    return 0.25;
+  }
+  return 0.15;
 }
 
 namespace {
@@ -854,29 +861,43 @@ inline __attribute__((always_inline)) void corr_rows(const T* __restrict__ in,
 }
 
 template <typename T, typename out_t, int JW>
-inline __attribute__((always_inline)) void corr_rows_nt(int nt, const T* in, const int32_t* crow,
-                                                        const int32_t* off, const T* val,
-                                                        const out_t* bias, out_t* y, const Corr& g,
-                                                        int64_t i0, int64_t r0, int64_t r1) {
-  switch (nt) {
-    case 1:
+inline __attribute__((always_inline)) void corr_rows_nt(int nt, int rb, const T* in,
+                                                        const int32_t* crow, const int32_t* off,
+                                                        const T* val, const out_t* bias, out_t* y,
+                                                        const Corr& g, int64_t i0, int64_t r0,
+                                                        int64_t r1) {
+  // (column vectors, rows) per block: 8 accumulators, fewer where the output has fewer rows.
+  switch (nt * 16 + rb) {
+    case 16 + 8:
       return corr_rows<T, out_t, JW, 1, 8>(in, crow, off, val, bias, y, g, i0, r0, r1);
-    case 2:
+    case 16 + 4:
+      return corr_rows<T, out_t, JW, 1, 4>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    case 16 + 2:
+      return corr_rows<T, out_t, JW, 1, 2>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    case 16 + 1:
+      return corr_rows<T, out_t, JW, 1, 1>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    case 32 + 4:
       return corr_rows<T, out_t, JW, 2, 4>(in, crow, off, val, bias, y, g, i0, r0, r1);
-    default:
+    case 32 + 2:
+      return corr_rows<T, out_t, JW, 2, 2>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    case 32 + 1:
+      return corr_rows<T, out_t, JW, 2, 1>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    case 64 + 2:
       return corr_rows<T, out_t, JW, 4, 2>(in, crow, off, val, bias, y, g, i0, r0, r1);
+    default:
+      return corr_rows<T, out_t, JW, 4, 1>(in, crow, off, val, bias, y, g, i0, r0, r1);
   }
 }
 
 template <typename T, typename out_t>
 inline __attribute__((always_inline)) void corr_rows_any_impl(
-    int jw, int nt, const T* in, const int32_t* crow, const int32_t* off, const T* val,
+    int jw, int nt, int rb, const T* in, const int32_t* crow, const int32_t* off, const T* val,
     const out_t* bias, out_t* y, const Corr* g, int64_t i0, int64_t r0, int64_t r1) {
   constexpr int kFull = full_lanes<T>();
   if (jw == kFull) {
-    corr_rows_nt<T, out_t, kFull>(nt, in, crow, off, val, bias, y, *g, i0, r0, r1);
+    corr_rows_nt<T, out_t, kFull>(nt, rb, in, crow, off, val, bias, y, *g, i0, r0, r1);
   } else {
-    corr_rows_nt<T, out_t, kFull / 2>(nt, in, crow, off, val, bias, y, *g, i0, r0, r1);
+    corr_rows_nt<T, out_t, kFull / 2>(nt, rb, in, crow, off, val, bias, y, *g, i0, r0, r1);
   }
 }
 
@@ -887,11 +908,16 @@ struct Blocking {
   int jw, nt, rb;
 };
 
+// Up to 4 vectors across a row and 8 accumulators, the rows per block cut to the output's.
 template <typename T>
-Blocking blocking(int64_t ow) {
+Blocking blocking(int64_t ow, int64_t oh) {
   const int jw = lanes_here<T>();
   const int nt = ow <= jw ? 1 : (ow <= 2 * jw ? 2 : 4);
-  return {jw, nt, 8 / nt};
+  int rb = 8 / nt;
+  while (rb > 1 && rb / 2 >= oh) {
+    rb /= 2;
+  }
+  return {jw, nt, rb};
 }
 
 // Elements a correlation may read past the end of its input (the last block's rows past oh
@@ -905,9 +931,9 @@ int64_t slack(int64_t ld, int64_t ow) {
 template <typename T, typename out_t>
 void correlate_serial(const T* in, const int32_t* crow, const int32_t* off, const T* val,
                       const out_t* bias, out_t* y, const Corr& g) {
-  const Blocking bk = blocking<T>(g.ow);
+  const Blocking bk = blocking<T>(g.ow, g.oh);
   for (int64_t i0 = 0; i0 < g.oh; i0 += bk.rb) {
-    corr_rows_any(bk.jw, bk.nt, in, crow, off, val, bias, y, &g, i0, int64_t(0), g.rows);
+    corr_rows_any(bk.jw, bk.nt, bk.rb, in, crow, off, val, bias, y, &g, i0, int64_t(0), g.rows);
   }
 }
 
@@ -919,7 +945,7 @@ void correlate(const T* in, const int32_t* crow, const int32_t* off, const T* va
   if (g.images == 0 || g.rows == 0 || g.oh == 0 || g.ow == 0) {
     return;
   }
-  const Blocking bk = blocking<T>(g.ow);
+  const Blocking bk = blocking<T>(g.ow, g.oh);
   const int64_t row_blocks = (g.oh + bk.rb - 1) / bk.rb;
   constexpr int64_t kFilterChunk = 16;
   const int64_t chunks = (g.rows + kFilterChunk - 1) / kFilterChunk;
@@ -936,18 +962,23 @@ void correlate(const T* in, const int32_t* crow, const int32_t* off, const T* va
       const int64_t i0 = (rest / chunks) * bk.rb;
       const int64_t r0 = (rest % chunks) * kFilterChunk;
       const int64_t r1 = std::min(g.rows, r0 + kFilterChunk);
-      corr_rows_any(bk.jw, bk.nt, in + image * g.image, crow, off, val, bias,
+      corr_rows_any(bk.jw, bk.nt, bk.rb, in + image * g.image, crow, off, val, bias,
                     y + image * g.rows * g.oh * g.ow, &g, i0, r0, r1);
     }
   });
 }
 
-// Images per group of the layout: a group of G images lies batch-innermost, so that one vector
+// Images per group of the layout: a group of G images lies batch-innermost, so that a vector
 // spans the same output row of G images, when a row of one image would fill less than a vector.
+// With fewer than 8 output rows a group's row spans up to 4 vectors (8 accumulators still).
 template <typename T>
-int64_t group_for(int64_t images, int64_t ow) {
+int64_t group_for(int64_t images, int64_t ow, int64_t oh) {
   const int64_t jw = lanes_here<T>();
-  return ow >= jw ? 1 : std::max<int64_t>(1, std::min(images, jw / ow));
+  if (ow >= jw) {
+    return 1;
+  }
+  const int64_t lanes = jw * (oh >= 8 ? 1 : (oh >= 4 ? 2 : 4));
+  return std::max<int64_t>(1, std::min(images, lanes / ow));
 }
 
 // Element (image n, plane, row i, column j) of a prepared input lies at
@@ -1174,7 +1205,7 @@ Tensor forward_from_csr(const Tensor& x, const int32_t* crow, const int32_t* col
   const int64_t nnz = crow[s.oc];
   const int64_t hq = (s.h + 2 * s.ph + s.sh - 1) / s.sh;
   const int64_t wq = (s.w + 2 * s.pw + s.sw - 1) / s.sw;
-  const Layout l = layout_for(group_for<T>(s.n, s.ow), s.n, s.c * s.sh * s.sw, hq, wq);
+  const Layout l = layout_for(group_for<T>(s.n, s.ow, s.oh), s.n, s.c * s.sh * s.sw, hq, wq);
   TORCH_CHECK(l.image + slack(l.ld, s.ow * l.group) < kMaxIndex, "dst_sparse_conv2d: an input ",
               "image of ", l.image, " padded elements is too large for the int32 offsets");
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
@@ -1201,7 +1232,7 @@ Tensor grad_input_from_csr(const Tensor& dy, const int32_t* crow, const int32_t*
   const int64_t nnz = crow[s.oc];
   const int64_t hb = s.h + s.keh() - 1;
   const int64_t wb = s.w + s.kew() - 1;
-  const Layout l = layout_for(group_for<T>(s.n, s.w), s.n, s.oc, hb, wb);
+  const Layout l = layout_for(group_for<T>(s.n, s.w, s.h), s.n, s.oc, hb, wb);
   TORCH_CHECK(l.image + slack(l.ld, s.w * l.group) < kMaxIndex, "dst_conv2d_grad_input: an ",
               "output image of ", l.image, " padded elements is too large for the int32 offsets");
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));

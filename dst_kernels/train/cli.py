@@ -151,6 +151,14 @@ def parser() -> argparse.ArgumentParser:
         "fraction, in (0, 1); --alpha is then alpha's starting value",
     )
     p.add_argument(
+        "--init-density",
+        type=float,
+        default=None,
+        metavar="D",
+        help="start the DST run with every DST layer's thresholds set to keep D of each output "
+        "row (its largest weights by magnitude) instead of all of them, D in (0, 1]",
+    )
+    p.add_argument(
         "--alpha-max",
         type=float,
         default=None,
@@ -291,6 +299,9 @@ def _resolve(args) -> argparse.Namespace:
     target = getattr(args, "target_density", None)
     if target is not None and not 0.0 < target < 1.0:
         _fail(f"--target-density must be a fraction in (0, 1), got {target:g}")
+    init = getattr(args, "init_density", None)
+    if init is not None and not 0.0 < init <= 1.0:
+        _fail(f"--init-density must be a fraction in (0, 1], got {init:g}")
     alpha_max = getattr(args, "alpha_max", None)
     if alpha_max is not None:
         if not alpha_max > 0 or not np.isfinite(alpha_max):
@@ -448,6 +459,27 @@ def _merge_resume_args(args, saved: dict, explicit: set[str]) -> argparse.Namesp
 ALPHA_MAX_FACTOR = 20.0
 
 
+@torch.no_grad()
+def init_thresholds_(model, density: float) -> None:
+    """Every DST layer's thresholds set so that each output row keeps its ``round(density * n)``
+    (at least 1) largest weights by magnitude, ``n`` the row's length."""
+    for layer in model.modules():
+        if not dst.is_dst_layer(layer):
+            continue
+        for weight_name, threshold_name in layer._dst_pairs:
+            weight = layer._parameters[weight_name].detach()
+            threshold = getattr(layer, threshold_name)
+            if getattr(layer, "_dst_axes", {}).get(weight_name, 0) == 1:  # thresholds per column
+                weight = weight.t()
+            rows = weight.abs().reshape(threshold.shape[0], -1)
+            keep = max(1, round(density * rows.shape[1]))
+            if keep >= rows.shape[1]:
+                threshold.fill_(-1.0)
+                continue
+            below = torch.kthvalue(rows.float(), rows.shape[1] - keep, dim=1).values
+            threshold.copy_(below.to(threshold.dtype))
+
+
 def _alpha_max(args, start: float) -> float:
     explicit = getattr(args, "alpha_max", None)  # absent from checkpoints of older runs
     if explicit is not None:
@@ -546,6 +578,8 @@ class _Run:
         if sparse:
             exclude = MODELS[self.args.model].exclude
             dst.sparsify(model, min_density=self.args.min_density, backend=self.args.backend, exclude=exclude)
+            if getattr(self.args, "init_density", None) is not None:
+                init_thresholds_(model, self.args.init_density)
         return model
 
     def _alpha_fn(self, model, train_loader):
