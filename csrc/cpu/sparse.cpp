@@ -922,10 +922,7 @@ Blocking blocking(int64_t ow, int64_t oh) {
 
 // Elements a correlation may read past the end of its input (the last block's rows past oh
 // and its lanes past ow).
-int64_t slack(int64_t ld, int64_t ow) {
-  (void)ow;
-  return 9 * ld + 4 * 64 + 64;
-}
+int64_t slack(int64_t ld) { return 9 * ld + 4 * 64 + 64; }
 
 // One image group's correlation on the calling thread: every row block of every filter.
 template <typename T, typename out_t>
@@ -1154,7 +1151,7 @@ template <typename T, typename out_t, typename Prepare>
 void correlate_layout(const Layout& l, int64_t planes, const Prepare& prepare, const int32_t* crow,
                       const int32_t* off, const T* v, int64_t nnz, const out_t* bias, int64_t n,
                       int64_t rows, int64_t oh, int64_t ow, out_t* out) {
-  const int64_t extra = slack(l.ld, ow * l.group);
+  const int64_t extra = slack(l.ld);
   const Corr g{l.groups, rows, oh, ow * l.group, l.ld, l.image};
   std::unique_ptr<out_t[]> tmp;
   out_t* dst = out;
@@ -1206,8 +1203,8 @@ Tensor forward_from_csr(const Tensor& x, const int32_t* crow, const int32_t* col
   const int64_t hq = (s.h + 2 * s.ph + s.sh - 1) / s.sh;
   const int64_t wq = (s.w + 2 * s.pw + s.sw - 1) / s.sw;
   const Layout l = layout_for(group_for<T>(s.n, s.ow, s.oh), s.n, s.c * s.sh * s.sw, hq, wq);
-  TORCH_CHECK(l.image + slack(l.ld, s.ow * l.group) < kMaxIndex, "dst_sparse_conv2d: an input ",
-              "image of ", l.image, " padded elements is too large for the int32 offsets");
+  TORCH_CHECK(l.image + slack(l.ld) < kMaxIndex, "dst_sparse_conv2d: an input ", "image of ",
+              l.image, " padded elements is too large for the int32 offsets");
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
   std::vector<T> v(std::max<int64_t>(nnz, 1));
   forward_entries<scalar_t, T>(col, val, nnz, s, l, off.data(), v.data());
@@ -1233,8 +1230,8 @@ Tensor grad_input_from_csr(const Tensor& dy, const int32_t* crow, const int32_t*
   const int64_t hb = s.h + s.keh() - 1;
   const int64_t wb = s.w + s.kew() - 1;
   const Layout l = layout_for(group_for<T>(s.n, s.w, s.h), s.n, s.oc, hb, wb);
-  TORCH_CHECK(l.image + slack(l.ld, s.w * l.group) < kMaxIndex, "dst_conv2d_grad_input: an ",
-              "output image of ", l.image, " padded elements is too large for the int32 offsets");
+  TORCH_CHECK(l.image + slack(l.ld) < kMaxIndex, "dst_conv2d_grad_input: an ", "output image of ",
+              l.image, " padded elements is too large for the int32 offsets");
   std::vector<int32_t> off(std::max<int64_t>(nnz, 1));
   std::vector<T> v(std::max<int64_t>(nnz, 1));
   const std::vector<int32_t> rows =

@@ -476,7 +476,8 @@ def init_thresholds_(model, density: float) -> None:
             if keep >= rows.shape[1]:
                 threshold.fill_(-1.0)
                 continue
-            below = torch.kthvalue(rows.float(), rows.shape[1] - keep, dim=1).values
+            exact = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+            below = torch.kthvalue(exact, rows.shape[1] - keep, dim=1).values
             threshold.copy_(below.to(threshold.dtype))
 
 
