@@ -99,6 +99,27 @@ TORCH_LIBRARY(dst_kernels, m) {
       "dst_sparse_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> "
       "Tensor");
+  // One LSTM / GRU layer and direction (mode "lstm" | "gru"; PyTorch's gate order; x is
+  // [steps, batch, input], h0 / c0 [batch, hidden]; c0 only for the LSTM). dst_sparse_rnn:
+  // inference on the CSR of the gate matrices, returns (y, h_n, c_n). dst_sparse_rnn_train: on
+  // the masked gate matrices P_ih, P_hh (each multiplied through its CSR below the density
+  // crossover, else dense), returns (y, h_n, c_n, saved); dst_sparse_rnn_backward returns (dx,
+  // dh0, dc0, dP_ih, dP_hh, db_ih, db_hh), dx empty unless input_grad. c_n / dc0 are empty for
+  // the GRU.
+  m.def(
+      "dst_sparse_rnn(Tensor x, Tensor h0, Tensor? c0, Tensor ih_crow_indices, Tensor "
+      "ih_col_indices, Tensor ih_values, Tensor hh_crow_indices, Tensor hh_col_indices, Tensor "
+      "hh_values, Tensor? bias_ih, Tensor? bias_hh, str mode, bool reverse=False) -> (Tensor, "
+      "Tensor, Tensor)");
+  m.def(
+      "dst_sparse_rnn_train(Tensor x, Tensor h0, Tensor? c0, Tensor weight_ih, Tensor "
+      "weight_hh, Tensor? bias_ih, Tensor? bias_hh, str mode, bool reverse=False) -> (Tensor, "
+      "Tensor, Tensor, Tensor)");
+  m.def(
+      "dst_sparse_rnn_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, "
+      "Tensor h0, Tensor? c0, Tensor weight_ih, Tensor weight_hh, Tensor y, Tensor saved, str "
+      "mode, bool reverse, bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
   // When dst_conv2d's CPU kernels go sparse in auto mode (the density, for that shape).
   m.def(
       "sparse_conv_crossover(int batch, int in_channels, int out_channels, int kernel, int "

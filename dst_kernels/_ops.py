@@ -182,6 +182,93 @@ def _register_sparse() -> None:
         size = _conv_out_size(x, crow_indices.shape[0] - 1, kernel_size, stride, padding, dilation)
         return x.new_empty(size)
 
+    if has_op("dst_sparse_rnn_train"):
+        _register_sparse_rnn()
+
+
+def _rnn_fake_outputs(x, h0, c0, hidden, mode):
+    y = x.new_empty((x.shape[0], x.shape[1], hidden))
+    c_n = torch.empty_like(h0) if mode == "lstm" else h0.new_empty((0,))
+    return y, torch.empty_like(h0), c_n
+
+
+def _register_sparse_rnn() -> None:
+    """Fake kernels and autograd of the sparse family's recurrent ops (one layer and direction)."""
+
+    @torch.library.register_fake("dst_kernels::dst_sparse_rnn")
+    def _dst_sparse_rnn_fake(
+        x, h0, c0, ih_crow, ih_col, ih_values, hh_crow, hh_col, hh_values, bias_ih, bias_hh, mode, reverse=False
+    ):
+        torch._check(x.dim() == 3, lambda: "dst_sparse_rnn: x must be [steps, batch, input_size]")
+        return _rnn_fake_outputs(x, h0, c0, h0.shape[1], mode)
+
+    @torch.library.register_fake("dst_kernels::dst_sparse_rnn_train")
+    def _dst_sparse_rnn_train_fake(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, mode, reverse=False):
+        torch._check(x.dim() == 3, lambda: "dst_sparse_rnn_train: x must be [steps, batch, input_size]")
+        hidden = weight_hh.shape[1]
+        y, h_n, c_n = _rnn_fake_outputs(x, h0, c0, hidden, mode)
+        saved = x.new_empty((x.shape[0], x.shape[1], (6 if mode == "lstm" else 4) * hidden))
+        return y, h_n, c_n, saved
+
+    @torch.library.register_fake("dst_kernels::dst_sparse_rnn_backward")
+    def _dst_sparse_rnn_backward_fake(
+        grad_y, grad_h_n, grad_c_n, x, h0, c0, weight_ih, weight_hh, y, saved, mode, reverse, input_grad
+    ):
+        dx = x.new_empty((x.shape[0], x.shape[1], x.shape[2] if input_grad else 0))
+        dc0 = torch.empty_like(h0) if mode == "lstm" else h0.new_empty((0,))
+        rows = weight_ih.shape[0]
+        return (
+            dx,
+            torch.empty_like(h0),
+            dc0,
+            torch.empty_like(weight_ih),
+            torch.empty_like(weight_hh),
+            weight_ih.new_empty((rows,)),
+            weight_ih.new_empty((rows,)),
+        )
+
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, mode, reverse = inputs
+        y, _, _, saved = output
+        ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, y, saved)
+        ctx.mode, ctx.reverse = mode, reverse
+        ctx.biases = (bias_ih is not None, bias_hh is not None)
+        ctx.mark_non_differentiable(saved)
+
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
+        x, h0, c0, weight_ih, weight_hh, y, saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.dst_kernels.dst_sparse_rnn_backward(
+            grad_y,
+            grad_h_n,
+            grad_c_n if ctx.mode == "lstm" else None,
+            x,
+            h0,
+            c0,
+            weight_ih,
+            weight_hh,
+            y,
+            saved,
+            ctx.mode,
+            ctx.reverse,
+            need[0],
+        )
+        return (
+            dx if need[0] else None,
+            dh0 if need[1] else None,
+            dc0 if ctx.mode == "lstm" and need[2] else None,
+            dw_ih if need[3] else None,
+            dw_hh if need[4] else None,
+            db_ih if ctx.biases[0] and need[5] else None,
+            db_hh if ctx.biases[1] and need[6] else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "dst_kernels::dst_sparse_rnn_train", backward, setup_context=setup_context
+    )
+
 
 if _loaded:
     _register()

@@ -29,6 +29,7 @@ __all__ = [
     "reset_thresholds_",
     "dst_linear",
     "dst_conv2d",
+    "rnn_layer",
 ]
 
 BACKENDS = ("reference", "native", "triton")
@@ -234,3 +235,33 @@ def dst_conv2d(
     return _backend_impl(name).conv2d(
         x, weight, threshold, bias, stride, padding, dilation, groups, min_density
     )
+
+
+def rnn_layer(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor | None,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor | None,
+    bias_hh: torch.Tensor | None,
+    *,
+    mode: str,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM (``mode="lstm"``) or GRU (``"gru"``) layer and direction on masked gate matrices.
+
+    ``x`` is ``[steps, batch, input]``, ``h0`` / ``c0`` ``[batch, hidden]`` (``c0`` None for the
+    GRU); ``weight_ih`` / ``weight_hh`` are ``P = W * M`` in PyTorch's gate order. The native CPU
+    kernel multiplies each matrix through its compressed form below the density crossover of
+    its product (dense above it); differentiable in everything but ``mode``. Returns
+    ``(y, h_n, c_n)`` (``c_n`` empty for the GRU). CPU, float32 / float64.
+    """
+    if mode not in ("lstm", "gru"):
+        raise ValueError(f"rnn_layer: mode must be 'lstm' or 'gru', got {mode!r}")
+    if not _ops.has_op("dst_sparse_rnn_train"):
+        raise RuntimeError(f"rnn_layer needs the compiled extension: {_ops.BUILD_HINT}")
+    y, h_n, c_n, _ = torch.ops.dst_kernels.dst_sparse_rnn_train(
+        x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, mode, reverse
+    )
+    return y, h_n, c_n

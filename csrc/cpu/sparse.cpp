@@ -8,6 +8,9 @@
 //                                      dst_linear kernels (csrc/cpu/linear.cpp)
 //   dst_sparse_conv2d and the sparse path of the CPU dst_conv2d kernels: the direct sparse
 //                                      convolution (the section "convolutions" below)
+//   dst_sparse_rnn, dst_sparse_rnn_train, dst_sparse_rnn_backward: one LSTM / GRU layer over
+//                                      the compressed gate matrices (the section "recurrent
+//                                      layers" below)
 //
 // The product tiles the rows of x (tokens) by NB: a tile of x is packed transposed
 // (K x NB, opmath type) into a per-thread buffer that stays in L2, and every output
@@ -1318,6 +1321,534 @@ Tensor dst_sparse_conv2d_cpu(const Tensor& x, const Tensor& crow, const Tensor& 
 
 #pragma GCC pop_options
 
+// ============================================================================= recurrent layers
+//
+// One layer and direction of an LSTM or GRU (PyTorch's gate order and equations) on the
+// masked gate matrices P_ih [G * H, I] and P_hh [G * H, H] (G = 4 for the LSTM, 3 for the GRU):
+//
+//   dst_sparse_rnn(x, h0, c0, CSR of P_ih, CSR of P_hh, b_ih, b_hh)   inference: (y, h_n, c_n)
+//   dst_sparse_rnn_train(x, h0, c0, P_ih, P_hh, b_ih, b_hh)           (y, h_n, c_n, saved)
+//   dst_sparse_rnn_backward(dy, dh_n, dc_n, ..., y, saved)            (dx, dh0, dc0, dP_ih,
+//                                                                     dP_hh, db_ih, db_hh)
+//
+// The input projection of all time steps is one product with P_ih; each step adds the
+// recurrent product of the previous hidden state with P_hh and runs the gates pointwise. The
+// training ops take the dense masked matrices and, per matrix, multiply with its CSR below the
+// density crossover of the product's shape (sparse_crossover) and with ATen's GEMM above it.
+// The backward walks the steps in reverse: the gate gradients of a step, then dh of the step
+// before through P_hh (the CSR of P_hh^T, built once per call); after the walk dX is one
+// product with P_ih and dP_ih, dP_hh are one GEMM each over all the steps (dense, as the
+// estimator needs them), the bias gradients one sum each.
+//
+// `saved` holds per step and unit the activated gates and, for the LSTM, c and tanh(c):
+// [T, B, 6H] (i f g o c tanh c) for the LSTM, [T, B, 4H] (r z n, and W_hn h + b_hn) for the GRU.
+namespace {
+
+enum class Cell { kLstm, kGru };
+
+Cell cell_of(const char* op, c10::string_view mode) {
+  if (mode == "lstm") {
+    return Cell::kLstm;
+  }
+  TORCH_CHECK(mode == "gru", op, ": mode must be 'lstm' or 'gru', got '", std::string(mode), "'");
+  return Cell::kGru;
+}
+
+int64_t gates_of(Cell cell) { return cell == Cell::kLstm ? 4 : 3; }
+int64_t saved_of(Cell cell) { return cell == Cell::kLstm ? 6 : 4; }
+
+// y = x A^T (+ bias) over the rows of x: the CSR of A, or A dense through ATen's GEMM.
+template <typename scalar_t>
+struct Product {
+  Compressed c;
+  Tensor dense;  // A itself (a view), defined on the dense path
+  int64_t out = 0;
+  int64_t in = 0;
+
+  void operator()(const scalar_t* x, int64_t rows, const scalar_t* bias, scalar_t* y,
+                  const at::TensorOptions& opt) const {
+    if (rows == 0 || out == 0) {
+      return;
+    }
+    if (dense.defined()) {
+      Tensor xt = at::from_blob(const_cast<scalar_t*>(x), {rows, in}, opt);
+      Tensor yt = at::from_blob(y, {rows, out}, opt);
+      if (bias != nullptr) {
+        at::addmm_out(yt, at::from_blob(const_cast<scalar_t*>(bias), {out}, opt), xt, dense.t());
+      } else if (in == 0) {
+        yt.zero_();
+      } else {
+        at::mm_out(yt, xt, dense.t());
+      }
+      return;
+    }
+    if (c.col.numel() == 0 || in == 0) {
+      // No kept weight: the bias alone (spmm writes it too; this skips the packing).
+      Tensor yt = at::from_blob(y, {rows, out}, opt);
+      if (bias != nullptr) {
+        yt.copy_(at::from_blob(const_cast<scalar_t*>(bias), {out}, opt).expand({rows, out}));
+      } else {
+        yt.zero_();
+      }
+      return;
+    }
+    spmm<scalar_t>(x, rows, in,
+                   {c.crow.const_data_ptr<int32_t>(), c.col.const_data_ptr<int32_t>(),
+                    c.val.const_data_ptr<scalar_t>()},
+                   out, c.col.numel(), bias, y);
+  }
+};
+
+// The product with P ([rows, cols], contiguous) or, with transpose, with P^T, for `tokens` rows
+// of input: its CSR (nonzeros of P) below the crossover, else P dense.
+template <typename scalar_t>
+Product<scalar_t> product_of(const Tensor& p, int64_t tokens, bool transpose) {
+  const int64_t rows = p.size(0);
+  const int64_t cols = p.size(1);
+  Product<scalar_t> prod;
+  prod.out = transpose ? cols : rows;
+  prod.in = transpose ? rows : cols;
+  std::vector<scalar_t> zero(rows, scalar_t(0));
+  std::vector<int64_t> counts(rows);
+  const scalar_t* pp = p.const_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t r = b; r < e; ++r) {
+                       counts[r] = count_row(pp + r * cols, scalar_t(0), cols);
+                     }
+                   });
+  int64_t kept = 0;
+  for (int64_t n : counts) {
+    kept += n;
+  }
+  if (!take_sparse(kept, tokens, prod.in, prod.out)) {
+    prod.dense = transpose ? p.t() : p;
+    return prod;
+  }
+  prod.c = csr_from_counts<scalar_t>(p, zero.data(), counts.data());
+  if (transpose) {
+    prod.c = transposed<scalar_t>(prod.c, rows, cols);
+  }
+  return prod;
+}
+
+// The product with a CSR matrix given by the caller.
+template <typename scalar_t>
+Product<scalar_t> product_of_csr(const Tensor& crow, const Tensor& col, const Tensor& val,
+                                 int64_t in) {
+  Product<scalar_t> prod;
+  prod.c = {crow, col, val};
+  prod.out = crow.numel() - 1;
+  prod.in = in;
+  return prod;
+}
+
+struct RnnShape {
+  Cell cell;
+  int64_t steps, batch, in, hidden;
+  int64_t gates() const { return gates_of(cell) * hidden; }
+};
+
+// The input checks shared by the three ops; returns the shape.
+RnnShape check_rnn(const char* op, Cell cell, const Tensor& x, const Tensor& h0,
+                   const std::optional<Tensor>& c0, int64_t ih_rows, int64_t ih_cols,
+                   int64_t hh_rows, int64_t hh_cols, at::ScalarType dtype,
+                   const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be [steps, batch, input_size], got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const int64_t g = gates_of(cell);
+  TORCH_CHECK(hh_rows % g == 0 && hh_rows / g == hh_cols, op, ": the recurrent weight must be [",
+              g, " * hidden_size, hidden_size], got [", hh_rows, ", ", hh_cols, "]");
+  const RnnShape s{cell, x.size(0), x.size(1), x.size(2), hh_cols};
+  TORCH_CHECK(ih_rows == s.gates() && ih_cols == s.in, op, ": the input weight must be [",
+              s.gates(), ", ", s.in, "] for x of shape ", x.sizes(), " and hidden_size ", s.hidden,
+              ", got [", ih_rows, ", ", ih_cols, "]");
+  TORCH_CHECK(dtype == x.scalar_type(), op, ": the weights have dtype ", dtype, " but x has ",
+              x.scalar_type());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == s.batch && h0.size(1) == s.hidden, op,
+              ": h0 must be [", s.batch, ", ", s.hidden, "], got shape ", h0.sizes());
+  TORCH_CHECK(h0.scalar_type() == x.scalar_type() && h0.device().is_cpu(), op,
+              ": h0 must have x's dtype and device");
+  if (cell == Cell::kLstm) {
+    TORCH_CHECK(c0.has_value() && c0->defined(), op, ": the LSTM needs c0");
+    TORCH_CHECK(c0->sizes() == h0.sizes() && c0->scalar_type() == x.scalar_type() &&
+                    c0->device().is_cpu(),
+                op, ": c0 must be [", s.batch, ", ", s.hidden, "] with x's dtype and device, got ",
+                c0->sizes(), " ", c0->scalar_type());
+  }
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (b->has_value() && (*b)->defined()) {
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == s.gates() &&
+                      (*b)->scalar_type() == x.scalar_type() && (*b)->device().is_cpu(),
+                  op, ": the biases must be [", s.gates(), "] with x's dtype and device, got ",
+                  (*b)->sizes(), " ", (*b)->scalar_type());
+    }
+  }
+  return s;
+}
+
+void check_weight(const char* op, const char* name, const Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be 2-D, got shape ", w.sizes());
+  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", w.device());
+}
+
+const void* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
+}
+
+// Rows of `rows` units starting at p with row stride ld.
+template <typename scalar_t>
+struct Rows {
+  scalar_t* p;
+  int64_t ld;
+  scalar_t* operator[](int64_t b) const { return p + b * ld; }
+};
+
+template <typename F>
+void over_batch(int64_t batch, int64_t hidden, const F& f) {
+  at::parallel_for(0, batch, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(hidden, 1)),
+                   [&](int64_t b0, int64_t b1) {
+                     for (int64_t b = b0; b < b1; ++b) {
+                       f(b);
+                     }
+                   });
+}
+
+// The forward of one layer and direction into y; returns (h_n, c_n). With saved undefined
+// (inference) the gates of a step live in one of two buffers (the next step reads c from it).
+template <typename scalar_t>
+std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const Tensor& h0,
+                                      const Tensor& c0, const Product<scalar_t>& ih,
+                                      const Product<scalar_t>& hh, const scalar_t* b_ih,
+                                      const scalar_t* b_hh, bool reverse, Tensor& y,
+                                      const Tensor& saved) {
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates();
+  const auto opt = x.options();
+  const bool lstm = s.cell == Cell::kLstm;
+  const int64_t S = saved_of(s.cell) * H;
+  if (T == 0) {
+    return {h0.clone(), lstm ? c0.clone() : at::empty({0}, opt)};
+  }
+  // The input projection of every step, with the biases that add outside the cell.
+  Tensor bias;
+  if (lstm && b_ih != nullptr && b_hh != nullptr) {
+    bias = at::from_blob(const_cast<scalar_t*>(b_ih), {G}, opt) +
+           at::from_blob(const_cast<scalar_t*>(b_hh), {G}, opt);
+  } else if (b_ih != nullptr || (lstm && b_hh != nullptr)) {
+    bias = at::from_blob(const_cast<scalar_t*>(b_ih != nullptr ? b_ih : b_hh), {G}, opt).clone();
+  }
+  Tensor gx = at::empty({T * B, G}, opt);
+  ih(x.const_data_ptr<scalar_t>(), T * B,
+     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(),
+     opt);
+  Tensor gh = at::empty({B, G}, opt);
+  const bool keep = saved.defined();
+  Tensor bufs[2];
+  if (!keep) {
+    bufs[0] = at::empty({B, S}, opt);
+    bufs[1] = at::empty({B, S}, opt);
+  }
+  const scalar_t* h_prev = h0.const_data_ptr<scalar_t>();
+  const scalar_t* c_prev = lstm ? c0.const_data_ptr<scalar_t>() : nullptr;
+  int64_t ld_c = H;
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  Tensor sv_t;
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    sv_t = keep ? saved.select(0, t) : bufs[k % 2];
+    Rows<scalar_t> sv{sv_t.mutable_data_ptr<scalar_t>(), S};
+    const scalar_t* gxt = gx.const_data_ptr<scalar_t>() + t * B * G;
+    scalar_t* ght = gh.mutable_data_ptr<scalar_t>();
+    hh(h_prev, B, lstm ? nullptr : b_hh, ght, opt);
+    scalar_t* yt = yp + t * B * H;
+    if (lstm) {
+      over_batch(B, H, [&](int64_t b) {
+        scalar_t* o = sv[b];
+        const scalar_t* a = gxt + b * G;
+        const scalar_t* r = ght + b * G;
+        for (int64_t j = 0; j < G; ++j) {
+          o[j] = a[j] + r[j];
+        }
+      });
+      sv_t.narrow(1, 0, 2 * H).sigmoid_();
+      sv_t.narrow(1, 2 * H, H).tanh_();
+      sv_t.narrow(1, 3 * H, H).sigmoid_();
+      over_batch(B, H, [&](int64_t b) {
+        scalar_t* o = sv[b];
+        const scalar_t* cp = c_prev + b * ld_c;
+        for (int64_t j = 0; j < H; ++j) {
+          o[4 * H + j] = o[H + j] * cp[j] + o[j] * o[2 * H + j];
+        }
+      });
+      Tensor tc = sv_t.narrow(1, 5 * H, H);
+      at::tanh_out(tc, sv_t.narrow(1, 4 * H, H));
+      over_batch(B, H, [&](int64_t b) {
+        const scalar_t* o = sv[b];
+        scalar_t* h = yt + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          h[j] = o[3 * H + j] * o[5 * H + j];
+        }
+      });
+      c_prev = sv[0] + 4 * H;
+      ld_c = S;
+    } else {
+      over_batch(B, H, [&](int64_t b) {
+        scalar_t* o = sv[b];
+        const scalar_t* a = gxt + b * G;
+        const scalar_t* r = ght + b * G;
+        for (int64_t j = 0; j < 2 * H; ++j) {
+          o[j] = a[j] + r[j];
+        }
+        for (int64_t j = 0; j < H; ++j) {
+          o[3 * H + j] = r[2 * H + j];
+        }
+      });
+      sv_t.narrow(1, 0, 2 * H).sigmoid_();
+      over_batch(B, H, [&](int64_t b) {
+        scalar_t* o = sv[b];
+        const scalar_t* a = gxt + b * G;
+        for (int64_t j = 0; j < H; ++j) {
+          o[2 * H + j] = a[2 * H + j] + o[j] * o[3 * H + j];
+        }
+      });
+      sv_t.narrow(1, 2 * H, H).tanh_();
+      over_batch(B, H, [&](int64_t b) {
+        const scalar_t* o = sv[b];
+        const scalar_t* hp = h_prev + b * H;
+        scalar_t* h = yt + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const scalar_t n = o[2 * H + j];
+          h[j] = n + o[H + j] * (hp[j] - n);
+        }
+      });
+    }
+    h_prev = yt;
+  }
+  const int64_t last = reverse ? 0 : T - 1;
+  Tensor h_n = y.select(0, last).clone();
+  Tensor c_n = lstm ? sv_t.narrow(1, 4 * H, H).clone() : at::empty({0}, opt);
+  return {h_n, c_n};
+}
+
+std::optional<Tensor> contiguous_or_none(const std::optional<Tensor>& t) {
+  if (t.has_value() && t->defined()) {
+    return t->contiguous();
+  }
+  return std::nullopt;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
+    const Tensor& x_in, const Tensor& h0_in, const std::optional<Tensor>& c0_in,
+    const Tensor& weight_ih, const Tensor& weight_hh, const std::optional<Tensor>& bias_ih,
+    const std::optional<Tensor>& bias_hh, c10::string_view mode, bool reverse) {
+  const char* op = "dst_sparse_rnn_train";
+  const Cell cell = cell_of(op, mode);
+  check_weight(op, "weight_ih", weight_ih);
+  check_weight(op, "weight_hh", weight_hh);
+  TORCH_CHECK(weight_hh.scalar_type() == weight_ih.scalar_type(), op,
+              ": weight_ih and weight_hh must share a dtype");
+  const RnnShape s = check_rnn(op, cell, x_in, h0_in, c0_in, weight_ih.size(0), weight_ih.size(1),
+                               weight_hh.size(0), weight_hh.size(1), weight_ih.scalar_type(),
+                               bias_ih, bias_hh);
+  const Tensor x = x_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = cell == Cell::kLstm ? c0_in->contiguous() : Tensor();
+  const Tensor pih = weight_ih.contiguous();
+  const Tensor phh = weight_hh.contiguous();
+  const auto bi = contiguous_or_none(bias_ih);
+  const auto bh = contiguous_or_none(bias_hh);
+  Tensor y = at::empty({s.steps, s.batch, s.hidden}, x.options());
+  Tensor saved = at::empty({s.steps, s.batch, saved_of(cell) * s.hidden}, x.options());
+  std::pair<Tensor, Tensor> last;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
+    const auto ih = product_of<scalar_t>(pih, s.steps * s.batch, false);
+    const auto hh = product_of<scalar_t>(phh, s.batch, false);
+    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh,
+                                 static_cast<const scalar_t*>(data_or_null(bi)),
+                                 static_cast<const scalar_t*>(data_or_null(bh)), reverse, y, saved);
+  });
+  return {y, last.first, last.second, saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
+    const Tensor& x_in, const Tensor& h0_in, const std::optional<Tensor>& c0_in,
+    const Tensor& ih_crow, const Tensor& ih_col, const Tensor& ih_val, const Tensor& hh_crow,
+    const Tensor& hh_col, const Tensor& hh_val, const std::optional<Tensor>& bias_ih,
+    const std::optional<Tensor>& bias_hh, c10::string_view mode, bool reverse) {
+  const char* op = "dst_sparse_rnn";
+  const Cell cell = cell_of(op, mode);
+  TORCH_CHECK(x_in.dim() == 3, op, ": x must be [steps, batch, input_size], got shape ",
+              x_in.sizes());
+  TORCH_CHECK(h0_in.dim() == 2, op, ": h0 must be [batch, hidden_size], got shape ",
+              h0_in.sizes());
+  const int64_t hidden = h0_in.size(1);
+  check_csr(op, ih_crow, ih_col, ih_val, x_in.size(2));
+  check_csr(op, hh_crow, hh_col, hh_val, hidden);
+  TORCH_CHECK(hh_val.scalar_type() == ih_val.scalar_type(), op,
+              ": the two compressed matrices must share a dtype");
+  const RnnShape s = check_rnn(op, cell, x_in, h0_in, c0_in, ih_crow.numel() - 1, x_in.size(2),
+                               hh_crow.numel() - 1, hidden, ih_val.scalar_type(), bias_ih, bias_hh);
+  const Tensor x = x_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = cell == Cell::kLstm ? c0_in->contiguous() : Tensor();
+  const auto bi = contiguous_or_none(bias_ih);
+  const auto bh = contiguous_or_none(bias_hh);
+  Tensor y = at::empty({s.steps, s.batch, s.hidden}, x.options());
+  std::pair<Tensor, Tensor> last;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
+    const auto ih = product_of_csr<scalar_t>(ih_crow, ih_col, ih_val, s.in);
+    const auto hh = product_of_csr<scalar_t>(hh_crow, hh_col, hh_val, s.hidden);
+    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh,
+                                 static_cast<const scalar_t*>(data_or_null(bi)),
+                                 static_cast<const scalar_t*>(data_or_null(bh)), reverse, y,
+                                 Tensor());
+  });
+  return {y, last.first, last.second};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_backward_cpu(
+    const std::optional<Tensor>& grad_y, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& x_in, const Tensor& h0_in,
+    const std::optional<Tensor>& c0_in, const Tensor& weight_ih, const Tensor& weight_hh,
+    const Tensor& y_in, const Tensor& saved_in, c10::string_view mode, bool reverse,
+    bool input_grad) {
+  const char* op = "dst_sparse_rnn_backward";
+  const Cell cell = cell_of(op, mode);
+  const bool lstm = cell == Cell::kLstm;
+  check_weight(op, "weight_ih", weight_ih);
+  check_weight(op, "weight_hh", weight_hh);
+  const RnnShape s = check_rnn(op, cell, x_in, h0_in, c0_in, weight_ih.size(0), weight_ih.size(1),
+                               weight_hh.size(0), weight_hh.size(1), weight_ih.scalar_type(),
+                               std::nullopt, std::nullopt);
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates(), I = s.in;
+  const int64_t S = saved_of(cell) * H;
+  TORCH_CHECK(y_in.sizes() == at::IntArrayRef({T, B, H}), op, ": y must be [", T, ", ", B, ", ",
+              H, "], got ", y_in.sizes());
+  TORCH_CHECK(saved_in.sizes() == at::IntArrayRef({T, B, S}), op, ": saved must be [", T, ", ",
+              B, ", ", S, "] (the forward's), got ", saved_in.sizes());
+  const auto opt = x_in.options();
+  for (const auto* g : {&grad_y, &grad_h_n, &grad_c_n}) {
+    if (g->has_value() && (*g)->defined()) {
+      TORCH_CHECK((*g)->scalar_type() == x_in.scalar_type(), op,
+                  ": the gradients must have x's dtype");
+    }
+  }
+  const bool has_gy = grad_y.has_value() && grad_y->defined();
+  if (has_gy) {
+    TORCH_CHECK(grad_y->sizes() == y_in.sizes(), op, ": grad_y must be shaped like y");
+  }
+  const Tensor gy = has_gy ? grad_y->contiguous() : Tensor();
+  Tensor dh = grad_h_n.has_value() && grad_h_n->defined()
+                  ? grad_h_n->reshape({B, H}).to(opt, false, true).contiguous()
+                  : at::zeros({B, H}, opt);
+  Tensor dc = lstm ? (grad_c_n.has_value() && grad_c_n->defined()
+                          ? grad_c_n->reshape({B, H}).to(opt, false, true).contiguous()
+                          : at::zeros({B, H}, opt))
+                   : Tensor();
+  const Tensor x = x_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = lstm ? c0_in->contiguous() : Tensor();
+  const Tensor y = y_in.contiguous();
+  const Tensor saved = saved_in.contiguous();
+  const Tensor pih = weight_ih.contiguous();
+  const Tensor phh = weight_hh.contiguous();
+  Tensor dgi = at::empty({T, B, G}, opt);
+  Tensor dgh = lstm ? dgi : at::empty({T, B, G}, opt);
+  Tensor dx = at::empty({T, B, input_grad ? I : 0}, opt);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
+    const auto hh_t = product_of<scalar_t>(phh, B, true);
+    Tensor rec = at::empty({B, H}, opt);
+    Tensor direct = lstm ? Tensor() : at::empty({B, H}, opt);
+    const scalar_t* svp = saved.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* gyp = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = reverse ? k : T - 1 - k;  // the forward's steps in reverse
+      const bool first = k == T - 1;              // the forward's first step
+      const int64_t tp = reverse ? t + 1 : t - 1;  // the step before it in the forward
+      const scalar_t* sv = svp + t * B * S;
+      const scalar_t* gyt = gyp != nullptr ? gyp + t * B * H : nullptr;
+      scalar_t* dgit = dgi.mutable_data_ptr<scalar_t>() + t * B * G;
+      scalar_t* dht = dh.mutable_data_ptr<scalar_t>();
+      if (lstm) {
+        const scalar_t* c_prev = first ? c0.const_data_ptr<scalar_t>() : svp + tp * B * S + 4 * H;
+        const int64_t ld_c = first ? H : S;
+        scalar_t* dct = dc.mutable_data_ptr<scalar_t>();
+        over_batch(B, H, [&](int64_t b) {
+          const scalar_t* o = sv + b * S;
+          const scalar_t* cp = c_prev + b * ld_c;
+          scalar_t* d = dgit + b * G;
+          for (int64_t j = 0; j < H; ++j) {
+            const scalar_t dhj = dht[b * H + j] + (gyt != nullptr ? gyt[b * H + j] : scalar_t(0));
+            const scalar_t i = o[j], f = o[H + j], g = o[2 * H + j], og = o[3 * H + j];
+            const scalar_t tc = o[5 * H + j];
+            const scalar_t dcj = dct[b * H + j] + dhj * og * (scalar_t(1) - tc * tc);
+            d[j] = dcj * g * i * (scalar_t(1) - i);
+            d[H + j] = dcj * cp[j] * f * (scalar_t(1) - f);
+            d[2 * H + j] = dcj * i * (scalar_t(1) - g * g);
+            d[3 * H + j] = dhj * tc * og * (scalar_t(1) - og);
+            dct[b * H + j] = dcj * f;
+          }
+        });
+        hh_t(dgit, B, nullptr, rec.mutable_data_ptr<scalar_t>(), opt);
+        std::swap(dh, rec);
+      } else {
+        const scalar_t* h_prev = first ? h0.const_data_ptr<scalar_t>() : yp + tp * B * H;
+        scalar_t* dght = dgh.mutable_data_ptr<scalar_t>() + t * B * G;
+        scalar_t* dd = direct.mutable_data_ptr<scalar_t>();
+        over_batch(B, H, [&](int64_t b) {
+          const scalar_t* o = sv + b * S;
+          const scalar_t* hp = h_prev + b * H;
+          scalar_t* di = dgit + b * G;
+          scalar_t* dr = dght + b * G;
+          for (int64_t j = 0; j < H; ++j) {
+            const scalar_t dhj = dht[b * H + j] + (gyt != nullptr ? gyt[b * H + j] : scalar_t(0));
+            const scalar_t r = o[j], z = o[H + j], n = o[2 * H + j], hn = o[3 * H + j];
+            const scalar_t dnp = dhj * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+            const scalar_t drp = dnp * hn * r * (scalar_t(1) - r);
+            const scalar_t dzp = dhj * (hp[j] - n) * z * (scalar_t(1) - z);
+            di[j] = drp;
+            di[H + j] = dzp;
+            di[2 * H + j] = dnp;
+            dr[j] = drp;
+            dr[H + j] = dzp;
+            dr[2 * H + j] = dnp * r;
+            dd[b * H + j] = dhj * z;
+          }
+        });
+        hh_t(dght, B, nullptr, rec.mutable_data_ptr<scalar_t>(), opt);
+        rec.add_(direct);
+        std::swap(dh, rec);
+      }
+    }
+    if (input_grad) {
+      const auto ih_t = product_of<scalar_t>(pih, T * B, true);
+      ih_t(dgi.const_data_ptr<scalar_t>(), T * B, nullptr, dx.mutable_data_ptr<scalar_t>(), opt);
+    }
+  });
+  const Tensor dgi2 = dgi.view({T * B, G});
+  const Tensor dgh2 = dgh.view({T * B, G});
+  Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
+  // dP_hh = sum over steps of dG_hh[t]^T h_prev(t): the steps after the first take h from y.
+  Tensor dw_hh = at::zeros({G, H}, opt);
+  if (T > 0) {
+    const int64_t first = reverse ? T - 1 : 0;
+    dw_hh.addmm_(dgh.select(0, first).t(), h0);
+    if (T > 1) {
+      const Tensor dg_rest = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
+      const Tensor h_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+      dw_hh.addmm_(dg_rest.reshape({(T - 1) * B, G}).t(), h_rest.reshape({(T - 1) * B, H}));
+    }
+  }
+  Tensor db_ih = dgi2.sum(0);
+  Tensor db_hh = lstm ? db_ih.clone() : dgh2.sum(0);
+  return {dx, dh, lstm ? dc : at::empty({0}, opt), dw_ih, dw_hh, db_ih, db_hh};
+}
+
+}  // namespace
+
 namespace sparse {
 
 bool take(int64_t kept, int64_t tokens, int64_t in, int64_t out) {
@@ -1404,4 +1935,7 @@ TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {
   m.impl("dst_sparse_mask", &dst::dst_sparse_mask_cpu);
   m.impl("dst_sparse_mm", &dst::dst_sparse_mm_cpu);
   m.impl("dst_sparse_conv2d", &dst::dst_sparse_conv2d_cpu);
+  m.impl("dst_sparse_rnn", &dst::dst_sparse_rnn_cpu);
+  m.impl("dst_sparse_rnn_train", &dst::dst_sparse_rnn_train_cpu);
+  m.impl("dst_sparse_rnn_backward", &dst::dst_sparse_rnn_backward_cpu);
 }
