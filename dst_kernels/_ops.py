@@ -207,7 +207,8 @@ def _register_sparse_rnn() -> None:
         torch._check(x.dim() == 3, lambda: "dst_sparse_rnn_train: x must be [steps, batch, input_size]")
         hidden = weight_hh.shape[1]
         y, h_n, c_n = _rnn_fake_outputs(x, h0, c0, hidden, mode)
-        saved = x.new_empty((x.shape[0], x.shape[1], (6 if mode == "lstm" else 4) * hidden))
+        # the gates of every step, then h^T (csrc/cpu/sparse.cpp, "recurrent layers")
+        saved = x.new_empty((x.shape[0] * x.shape[1] * (7 if mode == "lstm" else 5) * hidden,))
         return y, h_n, c_n, saved
 
     @torch.library.register_fake("dst_kernels::dst_sparse_rnn_backward")
@@ -234,6 +235,7 @@ def _register_sparse_rnn() -> None:
         ctx.mode, ctx.reverse = mode, reverse
         ctx.biases = (bias_ih is not None, bias_hh is not None)
         ctx.mark_non_differentiable(saved)
+        ctx.set_materialize_grads(False)  # unused outputs: no zero gradients to build and read
 
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
         x, h0, c0, weight_ih, weight_hh, y, saved = ctx.saved_tensors

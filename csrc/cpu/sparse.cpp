@@ -26,6 +26,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+namespace {
+inline int omp_get_num_threads() { return 1; }
+inline int omp_get_thread_num() { return 0; }
+}  // namespace
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -1331,17 +1340,23 @@ Tensor dst_sparse_conv2d_cpu(const Tensor& x, const Tensor& crow, const Tensor& 
 //   dst_sparse_rnn_backward(dy, dh_n, dc_n, ..., y, saved)            (dx, dh0, dc0, dP_ih,
 //                                                                     dP_hh, db_ih, db_hh)
 //
-// The input projection of all time steps is one product with P_ih; each step adds the
-// recurrent product of the previous hidden state with P_hh and runs the gates pointwise. The
-// training ops take the dense masked matrices and, per matrix, multiply with its CSR below the
-// density crossover of the product's shape (sparse_crossover) and with ATen's GEMM above it.
-// The backward walks the steps in reverse: the gate gradients of a step, then dh of the step
-// before through P_hh (the CSR of P_hh^T, built once per call); after the walk dX is one
-// product with P_ih and dP_ih, dP_hh are one GEMM each over all the steps (dense, as the
-// estimator needs them), the bias gradients one sum each.
+// Inside, every activation is feature-major: x^T [I, T * B], the gate pre-activations of all
+// steps [G * H, T * B], the hidden states h^T [H, T * B], a step's gates [S, B]. A product
+// with a CSR matrix is then one axpy of a contiguous row of B (or T * B) values per kept
+// weight, vectorised over the batch (csr_rows_product), with no packing; the pointwise gates
+// run over contiguous [H, B] blocks. The input projection of all the steps is one product
+// with P_ih; each step adds the recurrent product of h^T with P_hh and runs the gates. The
+// training ops take the dense masked matrices and multiply each through its CSR below the
+// density crossover of its product's shape (sparse_crossover), through ATen's GEMM above it.
+// The backward walks the steps in reverse: a step's gate gradients, then dh of the step
+// before through the CSR of P_hh^T (built once per call); after the walk dX is one product
+// with P_ih^T, and dP_ih, dP_hh are one GEMM each over all the steps (dense, as the estimator
+// needs them), the bias gradients one sum each.
 //
-// `saved` holds per step and unit the activated gates and, for the LSTM, c and tanh(c):
-// [T, B, 6H] (i f g o c tanh c) for the LSTM, [T, B, 4H] (r z n, and W_hn h + b_hn) for the GRU.
+// `saved` (1-D) holds the gates of every step, [T, S, B] with S = 6H for the LSTM (i f g o
+// activated, c, tanh c) and 4H for the GRU (r z n activated, W_hn h + b_hn), then h^T [H, T * B].
+// Each output element is one thread's sum in a fixed order: deterministic for any thread
+// count on the sparse path.
 namespace {
 
 enum class Cell { kLstm, kGru };
@@ -1357,50 +1372,136 @@ Cell cell_of(const char* op, c10::string_view mode) {
 int64_t gates_of(Cell cell) { return cell == Cell::kLstm ? 4 : 3; }
 int64_t saved_of(Cell cell) { return cell == Cell::kLstm ? 6 : 4; }
 
-// y = x A^T (+ bias) over the rows of x: the CSR of A, or A dense through ATen's GEMM.
+constexpr int64_t kRowBlock = 256;
+
+// y[r, j0 : j0 + m] = bias[r] (or, with add, y's own values) + sum over the kept (c, v) of row r
+// of v * x[c, j0 : j0 + m]:
+// 4, then 1 vector of accumulators at a time over the row's kept weights, a scalar tail. Every
+// element sums in the row's order with separate multiplies and adds: the same in every variant.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void csr_row_block_impl(
+    const scalar_t* __restrict__ x, int64_t ldx, const int32_t* __restrict__ col,
+    const scalar_t* __restrict__ val, int64_t p0, int64_t p1, scalar_t b, bool add, int64_t m,
+    scalar_t* __restrict__ y) {
+  constexpr int L = full_lanes<scalar_t>();
+  using V = typename VecOf<scalar_t, L>::type;
+  int64_t j = 0;
+  for (; j + 4 * L <= m; j += 4 * L) {
+    const V* y0 = reinterpret_cast<const V*>(y + j);
+    const V bv = V{} + b;
+    V a0 = add ? y0[0] : bv, a1 = add ? y0[1] : bv, a2 = add ? y0[2] : bv, a3 = add ? y0[3] : bv;
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t v = val[p];
+      const V* xr = reinterpret_cast<const V*>(x + static_cast<int64_t>(col[p]) * ldx + j);
+      a0 += v * xr[0];
+      a1 += v * xr[1];
+      a2 += v * xr[2];
+      a3 += v * xr[3];
+    }
+    V* yr = reinterpret_cast<V*>(y + j);
+    yr[0] = a0;
+    yr[1] = a1;
+    yr[2] = a2;
+    yr[3] = a3;
+  }
+  for (; j + L <= m; j += L) {
+    V a0 = add ? *reinterpret_cast<const V*>(y + j) : V{} + b;
+    for (int64_t p = p0; p < p1; ++p) {
+      a0 += val[p] * *reinterpret_cast<const V*>(x + static_cast<int64_t>(col[p]) * ldx + j);
+    }
+    *reinterpret_cast<V*>(y + j) = a0;
+  }
+  for (; j < m; ++j) {
+    scalar_t a0 = add ? y[j] : b;
+    for (int64_t p = p0; p < p1; ++p) {
+      a0 += val[p] * x[static_cast<int64_t>(col[p]) * ldx + j];
+    }
+    y[j] = a0;
+  }
+}
+DST_CPU_MULTIVERSION(csr_row_block, csr_row_block_impl)
+
+// y = A x (+ bias) for A [rows, k] in CSR and x [k, n] (row stride ldx), y [rows, n] (ldy):
+// parallel over (row, block of kRowBlock columns).
+template <typename scalar_t>
+void csr_rows_product(const Compressed& a, int64_t rows, const scalar_t* x, int64_t ldx,
+                      int64_t n, const scalar_t* bias, bool add, scalar_t* y, int64_t ldy) {
+  if (rows == 0 || n == 0) {
+    return;
+  }
+  const int32_t* crow = a.crow.const_data_ptr<int32_t>();
+  const int32_t* col = a.col.const_data_ptr<int32_t>();
+  const scalar_t* val = a.val.const_data_ptr<scalar_t>();
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t per_item =
+      (a.col.numel() / rows + 1) * std::min<int64_t>(n, kRowBlock) + std::min<int64_t>(n, 64);
+  at::parallel_for(0, rows * blocks, std::max<int64_t>(1, kGrainWork / per_item),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t it = begin; it < end; ++it) {
+                       const int64_t r = it / blocks;
+                       const int64_t j0 = (it % blocks) * kRowBlock;
+                       csr_row_block(x + j0, ldx, col, val, static_cast<int64_t>(crow[r]),
+                                     static_cast<int64_t>(crow[r + 1]),
+                                     bias != nullptr ? bias[r] : scalar_t(0), add,
+                                     std::min<int64_t>(kRowBlock, n - j0), y + r * ldy + j0);
+                     }
+                   });
+}
+
+// y = A x (+ bias) over n columns of x ([in, n], row stride ldx) into y ([out, n], row
+// stride ldy): the CSR of A, or A dense through ATen's GEMM.
 template <typename scalar_t>
 struct Product {
   Compressed c;
-  Tensor dense;  // A itself (a view), defined on the dense path
+  Tensor dense;  // A itself (possibly a transposed view), defined on the dense path
   int64_t out = 0;
   int64_t in = 0;
 
-  void operator()(const scalar_t* x, int64_t rows, const scalar_t* bias, scalar_t* y,
-                  const at::TensorOptions& opt) const {
-    if (rows == 0 || out == 0) {
+  // With add, y += A x (bias must be null).
+  void operator()(const scalar_t* x, int64_t ldx, int64_t n, const scalar_t* bias, scalar_t* y,
+                  int64_t ldy, const at::TensorOptions& opt, bool add = false) const {
+    if (out == 0 || n == 0) {
       return;
     }
-    if (dense.defined()) {
-      Tensor xt = at::from_blob(const_cast<scalar_t*>(x), {rows, in}, opt);
-      Tensor yt = at::from_blob(y, {rows, out}, opt);
-      if (bias != nullptr) {
-        at::addmm_out(yt, at::from_blob(const_cast<scalar_t*>(bias), {out}, opt), xt, dense.t());
-      } else if (in == 0) {
-        yt.zero_();
-      } else {
-        at::mm_out(yt, xt, dense.t());
+    if (add && dense.defined()) {
+      if (in > 0) {
+        const Tensor xt = at::from_blob(const_cast<scalar_t*>(x), {in, n}, {ldx, 1}, opt);
+        Tensor yt = at::from_blob(y, {out, n}, {ldy, 1}, opt);
+        yt.addmm_(dense, xt);
       }
       return;
     }
-    if (c.col.numel() == 0 || in == 0) {
-      // No kept weight: the bias alone (spmm writes it too; this skips the packing).
-      Tensor yt = at::from_blob(y, {rows, out}, opt);
+    if (dense.defined() && in > 0) {
+      const Tensor xt = at::from_blob(const_cast<scalar_t*>(x), {in, n}, {ldx, 1}, opt);
+      Tensor yt = at::from_blob(y, {out, n}, {ldy, 1}, opt);
       if (bias != nullptr) {
-        yt.copy_(at::from_blob(const_cast<scalar_t*>(bias), {out}, opt).expand({rows, out}));
+        const Tensor b = at::from_blob(const_cast<scalar_t*>(bias), {out, 1}, opt);
+        yt.copy_(at::addmm(b, dense, xt));
+      } else if (ldy == n) {
+        at::mm_out(yt, dense, xt);
+      } else {
+        yt.copy_(at::mm(dense, xt));
+      }
+      return;
+    }
+    if (dense.defined()) {  // no input features: the bias alone
+      Tensor yt = at::from_blob(y, {out, n}, {ldy, 1}, opt);
+      if (bias != nullptr) {
+        yt.copy_(at::from_blob(const_cast<scalar_t*>(bias), {out, 1}, opt).expand({out, n}));
       } else {
         yt.zero_();
       }
       return;
     }
-    spmm<scalar_t>(x, rows, in,
-                   {c.crow.const_data_ptr<int32_t>(), c.col.const_data_ptr<int32_t>(),
-                    c.val.const_data_ptr<scalar_t>()},
-                   out, c.col.numel(), bias, y);
+    if (add && c.col.numel() == 0) {
+      return;
+    }
+    csr_rows_product<scalar_t>(c, out, x, ldx, n, bias, add, y, ldy);
   }
 };
 
-// The product with P ([rows, cols], contiguous) or, with transpose, with P^T, for `tokens` rows
-// of input: its CSR (nonzeros of P) below the crossover, else P dense.
+// The product with P ([rows, cols], contiguous) or, with transpose, with P^T, over `tokens`
+// columns of input: the CSR of P's nonzeros below the crossover, else P dense.
 template <typename scalar_t>
 Product<scalar_t> product_of(const Tensor& p, int64_t tokens, bool transpose) {
   const int64_t rows = p.size(0);
@@ -1408,7 +1509,6 @@ Product<scalar_t> product_of(const Tensor& p, int64_t tokens, bool transpose) {
   Product<scalar_t> prod;
   prod.out = transpose ? cols : rows;
   prod.in = transpose ? rows : cols;
-  std::vector<scalar_t> zero(rows, scalar_t(0));
   std::vector<int64_t> counts(rows);
   const scalar_t* pp = p.const_data_ptr<scalar_t>();
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
@@ -1425,6 +1525,7 @@ Product<scalar_t> product_of(const Tensor& p, int64_t tokens, bool transpose) {
     prod.dense = transpose ? p.t() : p;
     return prod;
   }
+  std::vector<scalar_t> zero(rows, scalar_t(0));
   prod.c = csr_from_counts<scalar_t>(p, zero.data(), counts.data());
   if (transpose) {
     prod.c = transposed<scalar_t>(prod.c, rows, cols);
@@ -1432,7 +1533,6 @@ Product<scalar_t> product_of(const Tensor& p, int64_t tokens, bool transpose) {
   return prod;
 }
 
-// The product with a CSR matrix given by the caller.
 template <typename scalar_t>
 Product<scalar_t> product_of_csr(const Tensor& crow, const Tensor& col, const Tensor& val,
                                  int64_t in) {
@@ -1447,6 +1547,8 @@ struct RnnShape {
   Cell cell;
   int64_t steps, batch, in, hidden;
   int64_t gates() const { return gates_of(cell) * hidden; }
+  int64_t saved_rows() const { return saved_of(cell) * hidden; }
+  int64_t saved_numel() const { return steps * batch * (saved_rows() + hidden); }
 };
 
 // The input checks shared by the three ops; returns the shape.
@@ -1494,40 +1596,227 @@ void check_weight(const char* op, const char* name, const Tensor& w) {
   TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", w.device());
 }
 
-const void* data_or_null(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->const_data_ptr() : nullptr;
+std::optional<Tensor> contiguous_or_none(const std::optional<Tensor>& t) {
+  if (t.has_value() && t->defined()) {
+    return t->contiguous();
+  }
+  return std::nullopt;
 }
 
-// Rows of `rows` units starting at p with row stride ld.
 template <typename scalar_t>
-struct Rows {
-  scalar_t* p;
-  int64_t ld;
-  scalar_t* operator[](int64_t b) const { return p + b * ld; }
-};
+const scalar_t* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
+}
 
+// ----------------------------------------------------------------------------- the cells
+
+// exp over 16 floats (Cephes' expf: 2^n times a degree-7 polynomial of the remainder, about 1
+// ulp); NaN stays NaN. Inputs are clamped to [-80, 80], where the gates saturate anyway.
+inline __attribute__((always_inline)) vf16 exp16(vf16 x) {
+  typedef int32_t vi16 __attribute__((vector_size(64)));
+  const vf16 lo = vf16{} - 80.0f, hi = vf16{} + 80.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf16 magic = vf16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf16 n = (x * 1.44269504088896341f + magic) - magic;
+  const vf16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vf16 p = vf16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  vf16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Loads / stores of m <= 16 floats (a whole vector when m is 16).
+inline __attribute__((always_inline)) vf16 load16(const float* p, int64_t m) {
+  if (m == 16) {
+    return *reinterpret_cast<const vf16*>(p);
+  }
+  vf16 v = {};
+  for (int64_t k = 0; k < m; ++k) {
+    v[k] = p[k];
+  }
+  return v;
+}
+inline __attribute__((always_inline)) void store16(float* p, vf16 v, int64_t m) {
+  if (m == 16) {
+    *reinterpret_cast<vf16*>(p) = v;
+    return;
+  }
+  for (int64_t k = 0; k < m; ++k) {
+    p[k] = v[k];
+  }
+}
+
+inline __attribute__((always_inline)) vf16 sigmoid16(vf16 x) { return 1.0f / (1.0f + exp16(-x)); }
+inline __attribute__((always_inline)) vf16 tanh16(vf16 x) {
+  return 2.0f / (1.0f + exp16(-2.0f * x)) - 1.0f;
+}
+
+template <typename scalar_t>
+inline scalar_t sigmoid1(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + std::exp(-x));
+}
+
+// One unit of the LSTM for B images: `o` holds its pre-activations at rows 0, hb, 2 hb, 3 hb
+// (i f g o), overwritten with the activations, c at 4 hb and tanh c at 5 hb; h gets o tanh c.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void lstm_unit_impl(scalar_t* __restrict__ o, int64_t hb,
+                                                          const scalar_t* __restrict__ cp,
+                                                          scalar_t* __restrict__ h, int64_t B) {
+  int64_t b = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; b < B; b += 16) {
+      const int64_t m = std::min<int64_t>(16, B - b);
+      vf16 v[5];
+      for (int q = 0; q < 4; ++q) {
+        v[q] = load16(o + q * hb + b, m);
+      }
+      v[4] = load16(cp + b, m);
+      const vf16 i = sigmoid16(v[0]), f = sigmoid16(v[1]), g = tanh16(v[2]), og = sigmoid16(v[3]);
+      const vf16 c = f * v[4] + i * g;
+      const vf16 tc = tanh16(c);
+      const vf16 hv = og * tc;
+      const vf16 out[6] = {i, f, g, og, c, tc};
+      for (int q = 0; q < 6; ++q) {
+        store16(o + q * hb + b, out[q], m);
+      }
+      store16(h + b, hv, m);
+    }
+    return;
+  }
+  for (; b < B; ++b) {
+    const scalar_t i = sigmoid1(o[b]), f = sigmoid1(o[hb + b]), g = std::tanh(o[2 * hb + b]);
+    const scalar_t og = sigmoid1(o[3 * hb + b]);
+    const scalar_t c = f * cp[b] + i * g;
+    const scalar_t tc = std::tanh(c);
+    o[b] = i;
+    o[hb + b] = f;
+    o[2 * hb + b] = g;
+    o[3 * hb + b] = og;
+    o[4 * hb + b] = c;
+    o[5 * hb + b] = tc;
+    h[b] = og * tc;
+  }
+}
+DST_CPU_MULTIVERSION(lstm_unit, lstm_unit_impl)
+
+// One unit of the GRU: `o` holds r, z pre-activations (rows 0, hb), the input part of n (2 hb)
+// and W_hn h + b_hn (3 hb); r, z, n are overwritten with their activations; h gets
+// n + z (h_prev - n).
+template <typename scalar_t>
+inline __attribute__((always_inline)) void gru_unit_impl(scalar_t* __restrict__ o, int64_t hb,
+                                                         const scalar_t* __restrict__ hp,
+                                                         scalar_t* __restrict__ h, int64_t B) {
+  int64_t b = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; b < B; b += 16) {
+      const int64_t m = std::min<int64_t>(16, B - b);
+      vf16 v[5];
+      for (int q = 0; q < 4; ++q) {
+        v[q] = load16(o + q * hb + b, m);
+      }
+      v[4] = load16(hp + b, m);
+      const vf16 r = sigmoid16(v[0]), z = sigmoid16(v[1]);
+      const vf16 n = tanh16(v[2] + r * v[3]);
+      const vf16 hv = n + z * (v[4] - n);
+      const vf16 out[3] = {r, z, n};
+      for (int q = 0; q < 3; ++q) {
+        store16(o + q * hb + b, out[q], m);
+      }
+      store16(h + b, hv, m);
+    }
+    return;
+  }
+  for (; b < B; ++b) {
+    const scalar_t r = sigmoid1(o[b]), z = sigmoid1(o[hb + b]);
+    const scalar_t n = std::tanh(o[2 * hb + b] + r * o[3 * hb + b]);
+    o[b] = r;
+    o[hb + b] = z;
+    o[2 * hb + b] = n;
+    h[b] = n + z * (hp[b] - n);
+  }
+}
+DST_CPU_MULTIVERSION(gru_unit, gru_unit_impl)
+
+// The LSTM's gate gradients of one unit for B images (d: rows 0, ldd, 2 ldd, 3 ldd), dc
+// carried to the step before in place.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void lstm_unit_grad_impl(
+    const scalar_t* __restrict__ o, int64_t hb, const scalar_t* __restrict__ cp,
+    const scalar_t* __restrict__ dh, const scalar_t* __restrict__ gy, scalar_t* __restrict__ dc,
+    scalar_t* __restrict__ d, int64_t ldd, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t dhj = dh[b] + (gy != nullptr ? gy[b] : scalar_t(0));
+    const scalar_t i = o[b], f = o[hb + b], g = o[2 * hb + b], og = o[3 * hb + b];
+    const scalar_t tc = o[5 * hb + b];
+    const scalar_t dcj = dc[b] + dhj * og * (scalar_t(1) - tc * tc);
+    d[b] = dcj * g * i * (scalar_t(1) - i);
+    d[ldd + b] = dcj * cp[b] * f * (scalar_t(1) - f);
+    d[2 * ldd + b] = dcj * i * (scalar_t(1) - g * g);
+    d[3 * ldd + b] = dhj * tc * og * (scalar_t(1) - og);
+    dc[b] = dcj * f;
+  }
+}
+DST_CPU_MULTIVERSION(lstm_unit_grad, lstm_unit_grad_impl)
+
+// The GRU's: the input-side gate gradients di, the recurrent-side dr (r z n rows at ldd), and
+// dh's direct part z dh into dd.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void gru_unit_grad_impl(
+    const scalar_t* __restrict__ o, int64_t hb, const scalar_t* __restrict__ hp,
+    const scalar_t* __restrict__ dh, const scalar_t* __restrict__ gy, scalar_t* __restrict__ di,
+    scalar_t* __restrict__ dr, int64_t ldd, scalar_t* __restrict__ dd, int64_t B) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t dhj = dh[b] + (gy != nullptr ? gy[b] : scalar_t(0));
+    const scalar_t r = o[b], z = o[hb + b], n = o[2 * hb + b], hn = o[3 * hb + b];
+    const scalar_t dnp = dhj * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+    const scalar_t drp = dnp * hn * r * (scalar_t(1) - r);
+    const scalar_t dzp = dhj * (hp[b] - n) * z * (scalar_t(1) - z);
+    di[b] = drp;
+    di[ldd + b] = dzp;
+    di[2 * ldd + b] = dnp;
+    dr[b] = drp;
+    dr[ldd + b] = dzp;
+    dr[2 * ldd + b] = dnp * r;
+    dd[b] = dhj * z;
+  }
+}
+DST_CPU_MULTIVERSION(gru_unit_grad, gru_unit_grad_impl)
+
+// f(j) for every unit j of a [units, B] block, in parallel over units.
 template <typename F>
-void over_batch(int64_t batch, int64_t hidden, const F& f) {
-  at::parallel_for(0, batch, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(hidden, 1)),
-                   [&](int64_t b0, int64_t b1) {
-                     for (int64_t b = b0; b < b1; ++b) {
-                       f(b);
+void over_units(int64_t units, int64_t batch, const F& f) {
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(batch, 1)),
+                   [&](int64_t j0, int64_t j1) {
+                     for (int64_t j = j0; j < j1; ++j) {
+                       f(j);
                      }
                    });
 }
 
-// The forward of one layer and direction into y; returns (h_n, c_n). With saved undefined
-// (inference) the gates of a step live in one of two buffers (the next step reads c from it).
+// [rows, cols] row-major -> [cols, rows] row-major.
+Tensor transposed_copy(const Tensor& a) { return a.t().contiguous(); }
+
+// The forward of one layer and direction. x is [T, B, I] contiguous; writes h^T [H, T * B]
+// and, with `gates` non-null, every step's gates ([T, S, B]; else two step buffers).
+// Returns (h_n, c_n) as [B, H].
 template <typename scalar_t>
 std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const Tensor& h0,
                                       const Tensor& c0, const Product<scalar_t>& ih,
                                       const Product<scalar_t>& hh, const scalar_t* b_ih,
-                                      const scalar_t* b_hh, bool reverse, Tensor& y,
-                                      const Tensor& saved) {
-  const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates();
+                                      const scalar_t* b_hh, bool reverse, scalar_t* ht,
+                                      scalar_t* gates) {
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates(), S = s.saved_rows();
+  const int64_t TB = T * B;
   const auto opt = x.options();
   const bool lstm = s.cell == Cell::kLstm;
-  const int64_t S = saved_of(s.cell) * H;
   if (T == 0) {
     return {h0.clone(), lstm ? c0.clone() : at::empty({0}, opt)};
   }
@@ -1539,104 +1828,149 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
   } else if (b_ih != nullptr || (lstm && b_hh != nullptr)) {
     bias = at::from_blob(const_cast<scalar_t*>(b_ih != nullptr ? b_ih : b_hh), {G}, opt).clone();
   }
-  Tensor gx = at::empty({T * B, G}, opt);
-  ih(x.const_data_ptr<scalar_t>(), T * B,
-     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, gx.mutable_data_ptr<scalar_t>(),
-     opt);
-  Tensor gh = at::empty({B, G}, opt);
-  const bool keep = saved.defined();
-  Tensor bufs[2];
-  if (!keep) {
-    bufs[0] = at::empty({B, S}, opt);
-    bufs[1] = at::empty({B, S}, opt);
+  const Tensor xt = transposed_copy(x.view({TB, s.in}));  // [I, T * B]
+  const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  // Through the CSR each step multiplies its own x_t straight into its gates; dense, the input
+  // projection of all the steps is one GEMM, step-major ([T, G, B]) so that a step reads a block.
+  Tensor gx;
+  if (ih.dense.defined()) {
+    gx = at::empty({T, G, B}, opt);
+    gx.copy_(at::matmul(ih.dense, xt.view({s.in, T, B}).transpose(0, 1)));
+    if (bp != nullptr) {
+      gx.add_(bias.view({1, G, 1}));
+    }
   }
-  const scalar_t* h_prev = h0.const_data_ptr<scalar_t>();
-  const scalar_t* c_prev = lstm ? c0.const_data_ptr<scalar_t>() : nullptr;
-  int64_t ld_c = H;
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  Tensor sv_t;
+  Tensor gh = lstm ? Tensor() : at::empty({G, B}, opt);
+  Tensor bufs;
+  if (gates == nullptr) {
+    bufs = at::empty({2, S, B}, opt);
+  }
+  const Tensor h0t = transposed_copy(h0);
+  const Tensor c0t = lstm ? transposed_copy(c0) : Tensor();
+  const scalar_t* h_prev = h0t.const_data_ptr<scalar_t>();
+  int64_t ld_h = B;
+  const scalar_t* c_prev = lstm ? c0t.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* sv = nullptr;
+  if (!hh.dense.defined()) {
+    // The recurrent product through the CSR: the whole walk in one parallel region, each thread
+    // owning a range of units (their gate rows and their h, c), one barrier per step.
+    const int32_t* hcrow = hh.c.crow.template const_data_ptr<int32_t>();
+    const int32_t* hcol = hh.c.col.template const_data_ptr<int32_t>();
+    const scalar_t* hval = hh.c.val.template const_data_ptr<scalar_t>();
+    const bool ih_csr = !gx.defined();
+    const int32_t* icrow = ih_csr ? ih.c.crow.template const_data_ptr<int32_t>() : nullptr;
+    const int32_t* icol = ih_csr ? ih.c.col.template const_data_ptr<int32_t>() : nullptr;
+    const scalar_t* ival = ih_csr ? ih.c.val.template const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xtp = xt.const_data_ptr<scalar_t>();
+    const scalar_t* gxp = gx.defined() ? gx.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* bufp = bufs.defined() ? bufs.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t g = gates_of(s.cell);
+    const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+    const auto block_of = [&](int64_t k, int64_t t) {
+      return gates != nullptr ? gates + t * S * B : bufp + (k % 2) * S * B;
+    };
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t j0 = H * id / n, j1 = H * (id + 1) / n;
+      const scalar_t* hp = h_prev;
+      int64_t ldh = B;
+      const scalar_t* cpv = c_prev;
+      for (int64_t k = 0; k < T; ++k) {
+        const int64_t t = reverse ? T - 1 - k : k;
+        scalar_t* blk = block_of(k, t);
+        for (int64_t q = 0; q < g; ++q) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t r = q * H + j;
+            // GRU: b_hr, b_hz add with the input part; W_hn h + b_hn goes to its own row.
+            const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
+            scalar_t* row = blk + r * B;
+            if (ih_csr) {
+              csr_row_block(xtp + t * B, TB, icol, ival, static_cast<int64_t>(icrow[r]),
+                            static_cast<int64_t>(icrow[r + 1]),
+                            (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, B, row);
+            } else {
+              const scalar_t* src = gxp + (t * G + r) * B;
+              for (int64_t b = 0; b < B; ++b) {
+                row[b] = src[b] + extra;
+              }
+            }
+            const bool to_row = lstm || q < 2;
+            csr_row_block(hp, ldh, hcol, hval, static_cast<int64_t>(hcrow[r]),
+                          static_cast<int64_t>(hcrow[r + 1]),
+                          !to_row && b_hh != nullptr ? b_hh[r] : scalar_t(0), to_row, B,
+                          to_row ? row : blk + (3 * H + j) * B);
+          }
+        }
+        scalar_t* hcur = ht + t * B;
+        for (int64_t j = j0; j < j1; ++j) {
+          if (lstm) {
+            lstm_unit(blk + j * B, H * B, cpv + j * B, hcur + j * TB, B);
+          } else {
+            gru_unit(blk + j * B, H * B, hp + j * ldh, hcur + j * TB, B);
+          }
+        }
+#pragma omp barrier
+        hp = hcur;
+        ldh = TB;
+        cpv = blk + 4 * H * B;
+      }
+    }
+    sv = block_of(T - 1, reverse ? 0 : T - 1);
+  } else {
   for (int64_t k = 0; k < T; ++k) {
     const int64_t t = reverse ? T - 1 - k : k;
-    sv_t = keep ? saved.select(0, t) : bufs[k % 2];
-    Rows<scalar_t> sv{sv_t.mutable_data_ptr<scalar_t>(), S};
-    const scalar_t* gxt = gx.const_data_ptr<scalar_t>() + t * B * G;
-    scalar_t* ght = gh.mutable_data_ptr<scalar_t>();
-    hh(h_prev, B, lstm ? nullptr : b_hh, ght, opt);
-    scalar_t* yt = yp + t * B * H;
-    if (lstm) {
-      over_batch(B, H, [&](int64_t b) {
-        scalar_t* o = sv[b];
-        const scalar_t* a = gxt + b * G;
-        const scalar_t* r = ght + b * G;
-        for (int64_t j = 0; j < G; ++j) {
-          o[j] = a[j] + r[j];
-        }
-      });
-      sv_t.narrow(1, 0, 2 * H).sigmoid_();
-      sv_t.narrow(1, 2 * H, H).tanh_();
-      sv_t.narrow(1, 3 * H, H).sigmoid_();
-      over_batch(B, H, [&](int64_t b) {
-        scalar_t* o = sv[b];
-        const scalar_t* cp = c_prev + b * ld_c;
-        for (int64_t j = 0; j < H; ++j) {
-          o[4 * H + j] = o[H + j] * cp[j] + o[j] * o[2 * H + j];
-        }
-      });
-      Tensor tc = sv_t.narrow(1, 5 * H, H);
-      at::tanh_out(tc, sv_t.narrow(1, 4 * H, H));
-      over_batch(B, H, [&](int64_t b) {
-        const scalar_t* o = sv[b];
-        scalar_t* h = yt + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          h[j] = o[3 * H + j] * o[5 * H + j];
-        }
-      });
-      c_prev = sv[0] + 4 * H;
-      ld_c = S;
+    sv = gates != nullptr ? gates + t * S * B : bufs.mutable_data_ptr<scalar_t>() + (k % 2) * S * B;
+    // The input part of the gates (rows [0, G) of the step's block).
+    if (gx.defined()) {
+      std::memcpy(sv, gx.const_data_ptr<scalar_t>() + t * G * B, sizeof(scalar_t) * G * B);
     } else {
-      over_batch(B, H, [&](int64_t b) {
-        scalar_t* o = sv[b];
-        const scalar_t* a = gxt + b * G;
-        const scalar_t* r = ght + b * G;
-        for (int64_t j = 0; j < 2 * H; ++j) {
-          o[j] = a[j] + r[j];
+      ih(xt.const_data_ptr<scalar_t>() + t * B, TB, B, bp, sv, B, opt);
+    }
+    scalar_t* hcur = ht + t * B;  // [H, B] with row stride T * B
+    if (lstm) {
+      hh(h_prev, ld_h, B, nullptr, sv, B, opt, true);
+      over_units(H, B, [&](int64_t j) {
+        lstm_unit(sv + j * B, H * B, c_prev + j * B, hcur + j * TB, B);
+      });
+      c_prev = sv + 4 * H * B;
+    } else {
+      scalar_t* ghp = gh.mutable_data_ptr<scalar_t>();
+      hh(h_prev, ld_h, B, b_hh, ghp, B, opt);
+      over_units(H, B, [&](int64_t j) {
+        const int64_t hb = H * B;
+        for (int64_t q = 0; q < 2; ++q) {
+          const scalar_t* g = ghp + (q * H + j) * B;
+          scalar_t* o = sv + q * hb + j * B;
+          for (int64_t b = 0; b < B; ++b) {
+            o[b] += g[b];
+          }
         }
-        for (int64_t j = 0; j < H; ++j) {
-          o[3 * H + j] = r[2 * H + j];
+        const scalar_t* g = ghp + (2 * H + j) * B;
+        scalar_t* o = sv + 3 * hb + j * B;
+        for (int64_t b = 0; b < B; ++b) {
+          o[b] = g[b];
         }
       });
-      sv_t.narrow(1, 0, 2 * H).sigmoid_();
-      over_batch(B, H, [&](int64_t b) {
-        scalar_t* o = sv[b];
-        const scalar_t* a = gxt + b * G;
-        for (int64_t j = 0; j < H; ++j) {
-          o[2 * H + j] = a[2 * H + j] + o[j] * o[3 * H + j];
-        }
-      });
-      sv_t.narrow(1, 2 * H, H).tanh_();
-      over_batch(B, H, [&](int64_t b) {
-        const scalar_t* o = sv[b];
-        const scalar_t* hp = h_prev + b * H;
-        scalar_t* h = yt + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t n = o[2 * H + j];
-          h[j] = n + o[H + j] * (hp[j] - n);
-        }
+      over_units(H, B, [&](int64_t j) {
+        gru_unit(sv + j * B, H * B, h_prev + j * ld_h, hcur + j * TB, B);
       });
     }
-    h_prev = yt;
+    h_prev = hcur;
+    ld_h = TB;
+  }
   }
   const int64_t last = reverse ? 0 : T - 1;
-  Tensor h_n = y.select(0, last).clone();
-  Tensor c_n = lstm ? sv_t.narrow(1, 4 * H, H).clone() : at::empty({0}, opt);
+  const Tensor htv = at::from_blob(ht, {H, T, B}, opt);
+  Tensor h_n = htv.select(1, last).t().contiguous();
+  Tensor c_n = lstm ? at::from_blob(sv + 4 * H * B, {H, B}, opt).t().contiguous()
+                    : at::empty({0}, opt);
   return {h_n, c_n};
 }
 
-std::optional<Tensor> contiguous_or_none(const std::optional<Tensor>& t) {
-  if (t.has_value() && t->defined()) {
-    return t->contiguous();
-  }
-  return std::nullopt;
+// y [T, B, H] from h^T [H, T * B].
+Tensor outputs_of(const Tensor& ht, const RnnShape& s) {
+  return ht.view({s.hidden, s.steps, s.batch}).permute({1, 2, 0}).contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
@@ -1659,17 +1993,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
   const Tensor phh = weight_hh.contiguous();
   const auto bi = contiguous_or_none(bias_ih);
   const auto bh = contiguous_or_none(bias_hh);
-  Tensor y = at::empty({s.steps, s.batch, s.hidden}, x.options());
-  Tensor saved = at::empty({s.steps, s.batch, saved_of(cell) * s.hidden}, x.options());
+  const int64_t TB = s.steps * s.batch;
+  Tensor saved = at::empty({s.saved_numel()}, x.options());
+  const Tensor ht = saved.narrow(0, TB * s.saved_rows(), TB * s.hidden).view({s.hidden, TB});
   std::pair<Tensor, Tensor> last;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
-    const auto ih = product_of<scalar_t>(pih, s.steps * s.batch, false);
+    const auto ih = product_of<scalar_t>(pih, TB, false);
     const auto hh = product_of<scalar_t>(phh, s.batch, false);
-    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh,
-                                 static_cast<const scalar_t*>(data_or_null(bi)),
-                                 static_cast<const scalar_t*>(data_or_null(bh)), reverse, y, saved);
+    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh, data_or_null<scalar_t>(bi),
+                                 data_or_null<scalar_t>(bh), reverse,
+                                 ht.mutable_data_ptr<scalar_t>(),
+                                 saved.mutable_data_ptr<scalar_t>());
   });
-  return {y, last.first, last.second, saved};
+  return {outputs_of(ht, s), last.first, last.second, saved};
 }
 
 std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
@@ -1695,17 +2031,72 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
   const Tensor c0 = cell == Cell::kLstm ? c0_in->contiguous() : Tensor();
   const auto bi = contiguous_or_none(bias_ih);
   const auto bh = contiguous_or_none(bias_hh);
-  Tensor y = at::empty({s.steps, s.batch, s.hidden}, x.options());
+  Tensor ht = at::empty({s.hidden, s.steps * s.batch}, x.options());
   std::pair<Tensor, Tensor> last;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
     const auto ih = product_of_csr<scalar_t>(ih_crow, ih_col, ih_val, s.in);
     const auto hh = product_of_csr<scalar_t>(hh_crow, hh_col, hh_val, s.hidden);
-    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh,
-                                 static_cast<const scalar_t*>(data_or_null(bi)),
-                                 static_cast<const scalar_t*>(data_or_null(bh)), reverse, y,
-                                 Tensor());
+    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh, data_or_null<scalar_t>(bi),
+                                 data_or_null<scalar_t>(bh), reverse,
+                                 ht.mutable_data_ptr<scalar_t>(), nullptr);
   });
-  return {y, last.first, last.second};
+  return {outputs_of(ht, s), last.first, last.second};
+}
+
+// The backward's walk over the steps with the recurrent product through the CSR of P_hh^T
+// (`hh_t`): one parallel region, each thread owning a range of units (their dh, dc and
+// gate-gradient rows), one barrier per step between the gate gradients and dh.
+template <typename scalar_t>
+void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse,
+                       const scalar_t* svp, const scalar_t* htp, const scalar_t* gyp,
+                       const Tensor& h0t, const Tensor& c0t, Tensor& dh, Tensor& dc,
+                       Tensor& direct, Tensor& dgi, Tensor& dgh) {
+  const bool lstm = s.cell == Cell::kLstm;
+  const int64_t T = s.steps, B = s.batch, H = s.hidden, S = s.saved_rows(), TB = T * B;
+  const int32_t* tcrow = hh_t.crow.const_data_ptr<int32_t>();
+  const int32_t* tcol = hh_t.col.const_data_ptr<int32_t>();
+  const scalar_t* tval = hh_t.val.const_data_ptr<scalar_t>();
+  scalar_t* dhp = dh.mutable_data_ptr<scalar_t>();
+  scalar_t* dcp = lstm ? dc.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* ddp = lstm ? nullptr : direct.mutable_data_ptr<scalar_t>();
+  scalar_t* dgip = dgi.mutable_data_ptr<scalar_t>();
+  scalar_t* dghp = dgh.mutable_data_ptr<scalar_t>();
+  const scalar_t* h0p = h0t.const_data_ptr<scalar_t>();
+  const scalar_t* c0p = lstm ? c0t.const_data_ptr<scalar_t>() : nullptr;
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t j0 = H * id / n, j1 = H * (id + 1) / n;
+    const int64_t hb = H * B;
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = reverse ? k : T - 1 - k;
+      const bool first = k == T - 1;
+      const int64_t tp = reverse ? t + 1 : t - 1;
+      const scalar_t* sv = svp + t * S * B;
+      const scalar_t* gy_t = gyp != nullptr ? gyp + t * B : nullptr;
+      for (int64_t j = j0; j < j1; ++j) {
+        const scalar_t* gyr = gy_t != nullptr ? gy_t + j * TB : nullptr;
+        if (lstm) {
+          const scalar_t* cp = first ? c0p + j * B : svp + tp * S * B + 4 * hb + j * B;
+          lstm_unit_grad(sv + j * B, hb, cp, dhp + j * B, gyr, dcp + j * B,
+                         dgip + t * B + j * TB, H * TB, B);
+        } else {
+          const scalar_t* hp = first ? h0p + j * B : htp + tp * B + j * TB;
+          gru_unit_grad(sv + j * B, hb, hp, dhp + j * B, gyr, dgip + t * B + j * TB,
+                        dghp + t * B + j * TB, H * TB, ddp + j * B, B);
+        }
+      }
+#pragma omp barrier
+      for (int64_t j = j0; j < j1; ++j) {
+        csr_row_block(dghp + t * B, TB, tcol, tval, static_cast<int64_t>(tcrow[j]),
+                      static_cast<int64_t>(tcrow[j + 1]), scalar_t(0), !lstm, B,
+                      lstm ? dhp + j * B : static_cast<scalar_t*>(std::memcpy(
+                                               dhp + j * B, ddp + j * B, sizeof(scalar_t) * B)));
+      }
+    }
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_backward_cpu(
@@ -1723,128 +2114,115 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dst_sparse_rn
                                weight_hh.size(0), weight_hh.size(1), weight_ih.scalar_type(),
                                std::nullopt, std::nullopt);
   const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates(), I = s.in;
-  const int64_t S = saved_of(cell) * H;
+  const int64_t S = s.saved_rows(), TB = T * B;
   TORCH_CHECK(y_in.sizes() == at::IntArrayRef({T, B, H}), op, ": y must be [", T, ", ", B, ", ",
               H, "], got ", y_in.sizes());
-  TORCH_CHECK(saved_in.sizes() == at::IntArrayRef({T, B, S}), op, ": saved must be [", T, ", ",
-              B, ", ", S, "] (the forward's), got ", saved_in.sizes());
+  TORCH_CHECK(saved_in.dim() == 1 && saved_in.numel() == s.saved_numel() &&
+                  saved_in.scalar_type() == x_in.scalar_type(),
+              op, ": saved must be the forward's (", s.saved_numel(), " values), got ",
+              saved_in.sizes());
   const auto opt = x_in.options();
-  for (const auto* g : {&grad_y, &grad_h_n, &grad_c_n}) {
-    if (g->has_value() && (*g)->defined()) {
-      TORCH_CHECK((*g)->scalar_type() == x_in.scalar_type(), op,
-                  ": the gradients must have x's dtype");
+  const auto grad_of = [&](const std::optional<Tensor>& g, at::IntArrayRef shape,
+                           const char* name) -> Tensor {
+    if (!g.has_value() || !g->defined()) {
+      return Tensor();
     }
-  }
-  const bool has_gy = grad_y.has_value() && grad_y->defined();
-  if (has_gy) {
-    TORCH_CHECK(grad_y->sizes() == y_in.sizes(), op, ": grad_y must be shaped like y");
-  }
-  const Tensor gy = has_gy ? grad_y->contiguous() : Tensor();
-  Tensor dh = grad_h_n.has_value() && grad_h_n->defined()
-                  ? grad_h_n->reshape({B, H}).to(opt, false, true).contiguous()
-                  : at::zeros({B, H}, opt);
-  Tensor dc = lstm ? (grad_c_n.has_value() && grad_c_n->defined()
-                          ? grad_c_n->reshape({B, H}).to(opt, false, true).contiguous()
-                          : at::zeros({B, H}, opt))
-                   : Tensor();
+    TORCH_CHECK(g->sizes() == shape && g->scalar_type() == x_in.scalar_type(), op, ": ", name,
+                " must be ", shape, " with x's dtype, got ", g->sizes(), " ", g->scalar_type());
+    return *g;
+  };
+  const Tensor gy = grad_of(grad_y, {T, B, H}, "grad_y");
+  const Tensor ghn = grad_of(grad_h_n, {B, H}, "grad_h_n");
+  const Tensor gcn = lstm ? grad_of(grad_c_n, {B, H}, "grad_c_n") : Tensor();
+  // Feature-major: dh^T, dc^T [H, B]; dy^T [H, T * B]; the gate gradients [G, T * B].
+  Tensor dh = ghn.defined() ? transposed_copy(ghn) : at::zeros({H, B}, opt);
+  Tensor dc = lstm ? (gcn.defined() ? transposed_copy(gcn) : at::zeros({H, B}, opt)) : Tensor();
+  const Tensor gyt = gy.defined() ? transposed_copy(gy.reshape({TB, H})) : Tensor();
   const Tensor x = x_in.contiguous();
-  const Tensor h0 = h0_in.contiguous();
-  const Tensor c0 = lstm ? c0_in->contiguous() : Tensor();
-  const Tensor y = y_in.contiguous();
+  const Tensor h0t = transposed_copy(h0_in);
+  const Tensor c0t = lstm ? transposed_copy(*c0_in) : Tensor();
   const Tensor saved = saved_in.contiguous();
+  const Tensor ht = saved.narrow(0, TB * S, TB * H).view({H, TB});
   const Tensor pih = weight_ih.contiguous();
   const Tensor phh = weight_hh.contiguous();
-  Tensor dgi = at::empty({T, B, G}, opt);
-  Tensor dgh = lstm ? dgi : at::empty({T, B, G}, opt);
-  Tensor dx = at::empty({T, B, input_grad ? I : 0}, opt);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
+  Tensor dgi = at::empty({G, TB}, opt);
+  Tensor dgh = lstm ? dgi : at::empty({G, TB}, opt);
+  Tensor dx;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn_backward", [&] {
     const auto hh_t = product_of<scalar_t>(phh, B, true);
-    Tensor rec = at::empty({B, H}, opt);
-    Tensor direct = lstm ? Tensor() : at::empty({B, H}, opt);
+    Tensor rec = at::empty({H, B}, opt);
+    Tensor direct = lstm ? Tensor() : at::empty({H, B}, opt);
     const scalar_t* svp = saved.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const scalar_t* gyp = has_gy ? gy.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* htp = ht.const_data_ptr<scalar_t>();
+    const scalar_t* gyp = gyt.defined() ? gyt.const_data_ptr<scalar_t>() : nullptr;
+    if (!hh_t.dense.defined() && T > 0) {
+      rnn_backward_walk<scalar_t>(s, hh_t.c, reverse, saved.const_data_ptr<scalar_t>(),
+                                  ht.const_data_ptr<scalar_t>(), gyp, h0t, c0t, dh, dc, direct,
+                                  dgi, dgh);
+    } else {
     for (int64_t k = 0; k < T; ++k) {
-      const int64_t t = reverse ? k : T - 1 - k;  // the forward's steps in reverse
-      const bool first = k == T - 1;              // the forward's first step
+      const int64_t t = reverse ? k : T - 1 - k;   // the forward's steps in reverse
+      const bool first = k == T - 1;               // the forward's first step
       const int64_t tp = reverse ? t + 1 : t - 1;  // the step before it in the forward
-      const scalar_t* sv = svp + t * B * S;
-      const scalar_t* gyt = gyp != nullptr ? gyp + t * B * H : nullptr;
-      scalar_t* dgit = dgi.mutable_data_ptr<scalar_t>() + t * B * G;
-      scalar_t* dht = dh.mutable_data_ptr<scalar_t>();
+      const scalar_t* sv = svp + t * S * B;
+      const scalar_t* gy_t = gyp != nullptr ? gyp + t * B : nullptr;  // row stride T * B
+      scalar_t* dgit = dgi.mutable_data_ptr<scalar_t>() + t * B;      // row stride T * B
+      const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+      const int64_t hb = H * B;
       if (lstm) {
-        const scalar_t* c_prev = first ? c0.const_data_ptr<scalar_t>() : svp + tp * B * S + 4 * H;
-        const int64_t ld_c = first ? H : S;
-        scalar_t* dct = dc.mutable_data_ptr<scalar_t>();
-        over_batch(B, H, [&](int64_t b) {
-          const scalar_t* o = sv + b * S;
-          const scalar_t* cp = c_prev + b * ld_c;
-          scalar_t* d = dgit + b * G;
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t dhj = dht[b * H + j] + (gyt != nullptr ? gyt[b * H + j] : scalar_t(0));
-            const scalar_t i = o[j], f = o[H + j], g = o[2 * H + j], og = o[3 * H + j];
-            const scalar_t tc = o[5 * H + j];
-            const scalar_t dcj = dct[b * H + j] + dhj * og * (scalar_t(1) - tc * tc);
-            d[j] = dcj * g * i * (scalar_t(1) - i);
-            d[H + j] = dcj * cp[j] * f * (scalar_t(1) - f);
-            d[2 * H + j] = dcj * i * (scalar_t(1) - g * g);
-            d[3 * H + j] = dhj * tc * og * (scalar_t(1) - og);
-            dct[b * H + j] = dcj * f;
-          }
+        const scalar_t* c_prev = first ? c0t.const_data_ptr<scalar_t>() : svp + tp * S * B + 4 * hb;
+        scalar_t* dcp = dc.mutable_data_ptr<scalar_t>();
+        over_units(H, B, [&](int64_t j) {
+          lstm_unit_grad(sv + j * B, hb, c_prev + j * B, dhp + j * B,
+                         gy_t != nullptr ? gy_t + j * TB : nullptr, dcp + j * B, dgit + j * TB,
+                         H * TB, B);
         });
-        hh_t(dgit, B, nullptr, rec.mutable_data_ptr<scalar_t>(), opt);
+        hh_t(dgit, TB, B, nullptr, rec.mutable_data_ptr<scalar_t>(), B, opt);
         std::swap(dh, rec);
       } else {
-        const scalar_t* h_prev = first ? h0.const_data_ptr<scalar_t>() : yp + tp * B * H;
-        scalar_t* dght = dgh.mutable_data_ptr<scalar_t>() + t * B * G;
+        const scalar_t* h_prev = first ? h0t.const_data_ptr<scalar_t>() : htp + tp * B;
+        const int64_t ld_h = first ? B : TB;
+        scalar_t* dght = dgh.mutable_data_ptr<scalar_t>() + t * B;
         scalar_t* dd = direct.mutable_data_ptr<scalar_t>();
-        over_batch(B, H, [&](int64_t b) {
-          const scalar_t* o = sv + b * S;
-          const scalar_t* hp = h_prev + b * H;
-          scalar_t* di = dgit + b * G;
-          scalar_t* dr = dght + b * G;
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t dhj = dht[b * H + j] + (gyt != nullptr ? gyt[b * H + j] : scalar_t(0));
-            const scalar_t r = o[j], z = o[H + j], n = o[2 * H + j], hn = o[3 * H + j];
-            const scalar_t dnp = dhj * (scalar_t(1) - z) * (scalar_t(1) - n * n);
-            const scalar_t drp = dnp * hn * r * (scalar_t(1) - r);
-            const scalar_t dzp = dhj * (hp[j] - n) * z * (scalar_t(1) - z);
-            di[j] = drp;
-            di[H + j] = dzp;
-            di[2 * H + j] = dnp;
-            dr[j] = drp;
-            dr[H + j] = dzp;
-            dr[2 * H + j] = dnp * r;
-            dd[b * H + j] = dhj * z;
-          }
+        over_units(H, B, [&](int64_t j) {
+          gru_unit_grad(sv + j * B, hb, h_prev + j * ld_h, dhp + j * B,
+                        gy_t != nullptr ? gy_t + j * TB : nullptr, dgit + j * TB, dght + j * TB,
+                        H * TB, dd + j * B, B);
         });
-        hh_t(dght, B, nullptr, rec.mutable_data_ptr<scalar_t>(), opt);
+        hh_t(dght, TB, B, nullptr, rec.mutable_data_ptr<scalar_t>(), B, opt);
         rec.add_(direct);
         std::swap(dh, rec);
       }
     }
+    }
     if (input_grad) {
-      const auto ih_t = product_of<scalar_t>(pih, T * B, true);
-      ih_t(dgi.const_data_ptr<scalar_t>(), T * B, nullptr, dx.mutable_data_ptr<scalar_t>(), opt);
+      const auto ih_t = product_of<scalar_t>(pih, TB, true);
+      Tensor dxt = at::empty({I, TB}, opt);
+      ih_t(dgi.const_data_ptr<scalar_t>(), TB, TB, nullptr, dxt.mutable_data_ptr<scalar_t>(), TB,
+           opt);
+      dx = dxt.t().reshape({T, B, I}).contiguous();
+    } else {
+      dx = at::empty({T, B, 0}, opt);
     }
   });
-  const Tensor dgi2 = dgi.view({T * B, G});
-  const Tensor dgh2 = dgh.view({T * B, G});
-  Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
-  // dP_hh = sum over steps of dG_hh[t]^T h_prev(t): the steps after the first take h from y.
+  // dP_ih = dG x over all steps; dP_hh = sum over steps of dG_hh(t) h_prev(t)^T, h_prev from
+  // h^T shifted by a step (h0 for the first).
+  Tensor dw_ih = at::mm(dgi, x.view({TB, I}));
   Tensor dw_hh = at::zeros({G, H}, opt);
   if (T > 0) {
     const int64_t first = reverse ? T - 1 : 0;
-    dw_hh.addmm_(dgh.select(0, first).t(), h0);
+    dw_hh.addmm_(dgh.narrow(1, first * B, B), h0t.t());
     if (T > 1) {
-      const Tensor dg_rest = reverse ? dgh.narrow(0, 0, T - 1) : dgh.narrow(0, 1, T - 1);
-      const Tensor h_rest = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-      dw_hh.addmm_(dg_rest.reshape({(T - 1) * B, G}).t(), h_rest.reshape({(T - 1) * B, H}));
+      const int64_t n = (T - 1) * B;
+      const Tensor dg_rest = reverse ? dgh.narrow(1, 0, n) : dgh.narrow(1, B, n);
+      const Tensor h_rest = reverse ? ht.narrow(1, B, n) : ht.narrow(1, 0, n);
+      dw_hh.addmm_(dg_rest, h_rest.t());
     }
   }
-  Tensor db_ih = dgi2.sum(0);
-  Tensor db_hh = lstm ? db_ih.clone() : dgh2.sum(0);
-  return {dx, dh, lstm ? dc : at::empty({0}, opt), dw_ih, dw_hh, db_ih, db_hh};
+  Tensor db_ih = dgi.sum(1);
+  Tensor db_hh = lstm ? db_ih.clone() : dgh.sum(1);
+  return {dx, dh.t().contiguous(), lstm ? dc.t().contiguous() : at::empty({0}, opt), dw_ih, dw_hh,
+          db_ih, db_hh};
 }
 
 }  // namespace
