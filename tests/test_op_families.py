@@ -24,6 +24,9 @@ FAMILY_OF = {
     "sparse_conv_crossover": "sparse",
     "dst_sparse_mask": "sparse",
     "dst_sparse_mm": "sparse",
+    "dst_sparse_rnn": "sparse",
+    "dst_sparse_rnn_train": "sparse",
+    "dst_sparse_rnn_backward": "sparse",
     "sparse_mode": "sparse",
     "sparse_crossover": "sparse",
 }

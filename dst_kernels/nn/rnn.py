@@ -84,10 +84,30 @@ class _DSTRNN(DSTLayer):
         tensors = [*masked.values(), *(self._parameters[n] for n in self._flat_weights_names)]
         states = () if hx is None else (hx if isinstance(hx, tuple) else (hx,))
         tensors += [h for h in states if isinstance(h, torch.Tensor)]
-        return all(
+        if not all(
             type(t) in (torch.Tensor, nn.Parameter) and t.dtype == input.dtype and t.device.type == "cpu"
             for t in tensors
-        )
+        ):
+            return False
+        return self._sparse_pays(input, masked)
+
+    def _sparse_pays(self, input, masked) -> bool:
+        """The sparse mode, else whether a recurrent matrix is below the crossover of its product
+        (the linear family's, for ``batch`` rows). The kept counts are read on the host: these
+        are CPU tensors (no device round trip); under ``torch.compile`` the kernel is taken."""
+        if torch.compiler.is_compiling():
+            return True
+        mode = torch.ops.dst_kernels.sparse_mode(-1)
+        if mode != 0:
+            return mode == 1  # "always": the kernel; "never": PyTorch's fused RNN
+        batch = 1 if input.dim() == 2 else input.shape[0 if self.batch_first else 1]
+        for name, p in masked.items():
+            if name.startswith("weight_hh"):
+                rows, cols = p.shape
+                crossover = torch.ops.dst_kernels.sparse_crossover(batch, cols, rows)
+                if int(torch.count_nonzero(p)) < crossover * p.numel():
+                    return True
+        return False
 
     def _sparse_forward(self, input, hx, masked):
         lstm = isinstance(self, nn.LSTM)

@@ -1,0 +1,328 @@
+"""The sparse op family's recurrent kernel: one LSTM / GRU layer and direction on the masked
+gate matrices (``dst_sparse_rnn_train`` / ``dst_sparse_rnn_backward``, ``dst_sparse_rnn`` for
+inference), and ``DSTLSTM`` / ``DSTGRU`` running on it on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import assert_close_rel, tol_for
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import dst_kernels as dst
+from dst_kernels import functional as DF
+from dst_kernels.sparse import sparse_mode
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("DST_KERNELS_NO_EXTENSION") == "1", reason="pure-Python install requested"
+)
+
+ops = torch.ops.dst_kernels
+CELLS = {"lstm": (dst.DSTLSTM, nn.LSTM), "gru": (dst.DSTGRU, nn.GRU)}
+
+# (input, hidden, layers, bidirectional, batch_first, bias, steps, batch): 1s, primes, batches
+# under, at and over one vector of 16 lanes.
+CASES = [
+    (1, 1, 1, False, False, True, 1, 1),
+    (5, 7, 2, True, True, True, 4, 3),
+    (3, 11, 1, False, False, False, 2, 17),
+    (13, 5, 3, False, True, True, 6, 2),
+    (4, 16, 2, True, False, True, 3, 16),
+    (2, 3, 1, False, True, True, 5, 33),
+]
+DENSITIES = [0.0, 0.3, 1.0]
+
+
+def _set_density(layer, density: float) -> None:
+    with torch.no_grad():
+        for w, t in layer._dst_pairs:
+            rows = layer._parameters[w].abs()
+            if density <= 0.0:
+                getattr(layer, t).copy_(rows.amax(1) + 1.0)
+            elif density >= 1.0:
+                getattr(layer, t).fill_(-1.0)
+            else:
+                getattr(layer, t).copy_(torch.quantile(rows.double(), 1.0 - density, dim=1).to(rows.dtype))
+
+
+def _pair(cell, case, density, dtype=torch.float64, **kw):
+    cls, _ = CELLS[cell]
+    n_in, hidden, layers, bi, bf, bias = case[:6]
+    torch.manual_seed(0)
+    ours = cls(n_in, hidden, layers, bias=bias, batch_first=bf, bidirectional=bi, backend="native", **kw)
+    ours = ours.to(dtype)
+    _set_density(ours, density)
+    ref = cls(n_in, hidden, layers, bias=bias, batch_first=bf, bidirectional=bi, backend="reference", **kw)
+    ref = ref.double()
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def _inputs(cell, case, dtype=torch.float64, seed=1):
+    n_in, hidden, layers, bi, bf, _, steps, batch = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, steps, n_in) if bf else (steps, batch, n_in), generator=g, dtype=torch.float64)
+    states = layers * (2 if bi else 1)
+    h0 = torch.randn(states, batch, hidden, generator=g, dtype=torch.float64)
+    c0 = torch.randn(states, batch, hidden, generator=g, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_(True) for t in (x, h0, c0)] if cell == "lstm" else [
+        t.to(dtype).requires_grad_(True) for t in (x, h0)
+    ]
+
+
+def _run(layer, cell, inputs, with_state=True):
+    x, *state = inputs
+    hx = None if not with_state else (tuple(state) if cell == "lstm" else state[0])
+    out, h = layer(x, hx)
+    h = h if isinstance(h, tuple) else (h,)
+    # A loss that weights every output and state differently.
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    loss = loss + sum(1.3 * s.sum() for s in h)
+    return out, h, loss
+
+
+def _compare(cell, case, density, mode="always", dtype=torch.float64, with_state=True):
+    ours, ref = _pair(cell, case, density, dtype)
+    inputs = _inputs(cell, case, dtype)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    with sparse_mode(mode):
+        out, h, loss = _run(ours, cell, inputs, with_state)
+        grads = torch.autograd.grad(loss, [*inputs, *ours.parameters()], allow_unused=True)
+    r_out, r_h, r_loss = _run(ref, cell, ref_inputs, with_state)
+    r_grads = torch.autograd.grad(r_loss, [*ref_inputs, *ref.parameters()], allow_unused=True)
+    tol = tol_for(dtype)
+    assert_close_rel(out, r_out, tol, "output")
+    for a, b in zip(h, r_h):
+        assert_close_rel(a, b, tol, "state")
+    names = ["x", "h0", "c0"][: len(inputs)] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, grads, r_grads):
+        if a is None or b is None:  # an initial state that was not passed
+            assert a is None and b is None and not with_state, name
+            continue
+        # The threshold gradient is a row reduction (SPEC section 4): scaled by the row length.
+        scale = ours._parameters[name.replace("threshold", "weight")].shape[1] if "threshold" in name else 1
+        assert_close_rel(a, b, tol * scale, name)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_the_kernel_equals_the_reference(cell, case, density):
+    _compare(cell, case, density)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_every_mode_equals_the_reference(cell, mode):
+    _compare(cell, CASES[1], 0.3, mode=mode)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_float32_within_tolerance(cell):
+    _compare(cell, CASES[4], 0.3, dtype=torch.float32)
+    _compare(cell, CASES[5], 1.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_no_initial_state_and_unbatched_input(cell):
+    _compare(cell, CASES[1], 0.3, with_state=False)
+    ours, ref = _pair(cell, (5, 7, 2, True, False, True), 0.3)
+    x = torch.randn(4, 5, dtype=torch.float64)  # unbatched: [steps, input]
+    with sparse_mode("always"):
+        assert ours._runs_sparse(x, None, {w: ours._parameters[w] for w, _ in ours._dst_pairs})
+        out, h = ours(x)
+    r_out, r_h = ref(x)
+    assert_close_rel(out, r_out, 1e-12, "output")
+    for a, b in zip(h if cell == "lstm" else (h,), r_h if cell == "lstm" else (r_h,)):
+        assert a.shape == b.shape
+        assert_close_rel(a, b, 1e-12, "state")
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_dropout_between_layers(cell):
+    ours, ref = _pair(cell, CASES[3], 0.3, dropout=0.4)
+    x = _inputs(cell, CASES[3])[0]
+    ours.eval()
+    ref.eval()
+    with sparse_mode("always"):
+        assert_close_rel(ours(x)[0], ref(x.detach())[0], 1e-12, "eval output")
+        ours.train()
+        torch.manual_seed(3)
+        a = ours(x)[0]
+        torch.manual_seed(3)
+        b = ours(x)[0]
+        ours.dropout = 0.0
+        c = ours(x)[0]
+    assert torch.equal(a, b)  # the dropout masks come from torch's generator
+    assert not torch.equal(a, c)  # and are applied (0.4 of 30 units per step is never none)
+    (g,) = torch.autograd.grad(a.sum(), x)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_the_other_paths_stay_on_the_fused_rnn(cell):
+    cls, _ = CELLS[cell]
+    layer = cls(3, 4, 1, backend="native").double()
+    masked = {w: layer._parameters[w] for w, _ in layer._dst_pairs}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with sparse_mode("always"):
+        assert layer._runs_sparse(x, None, masked)
+        assert not layer._runs_sparse(x.half(), None, masked)
+        packed = pack_padded_sequence(x, [5, 3])
+        assert not layer._runs_sparse(packed, None, masked)
+        out, _ = layer(packed)  # runs, through the fused RNN
+        assert out.data.shape == (8, 4)
+    with sparse_mode("never"):
+        assert not layer._runs_sparse(x, None, masked)
+    if cell == "lstm":
+        proj = dst.DSTLSTM(3, 4, 1, proj_size=2, backend="native").double()
+        with sparse_mode("always"):
+            assert not proj._runs_sparse(x, None, {w: proj._parameters[w] for w, _ in proj._dst_pairs})
+
+
+def test_auto_mode_takes_the_kernel_below_the_crossover_only():
+    layer = dst.DSTLSTM(6, 8, 1, backend="native").double()
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    _set_density(layer, 1.0)
+    masked = {w: layer._parameters[w] * layer.masks()[w] for w, _ in layer._dst_pairs}
+    assert not layer._runs_sparse(x, None, masked)
+    _set_density(layer, 0.0)
+    masked = {w: layer._parameters[w] * layer.masks()[w] for w, _ in layer._dst_pairs}
+    assert layer._runs_sparse(x, None, masked)
+
+
+def test_the_reset_rule_applies_on_the_kernel_path():
+    layer = dst.DSTLSTM(5, 6, 1, backend="native", min_density=0.5).double().train()
+    _set_density(layer, 0.0)  # nothing kept: every threshold vector resets to 0
+    with sparse_mode("always"):
+        layer(torch.randn(3, 2, 5, dtype=torch.float64))
+    for t in layer.thresholds():
+        assert torch.equal(t.detach(), torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_deterministic_for_any_thread_count(cell):
+    torch.manual_seed(0)
+    g = 4 if cell == "lstm" else 3
+    x, h0, c0 = torch.randn(7, 19, 9), torch.randn(19, 24), torch.randn(19, 24)
+    w_ih = torch.randn(g * 24, 9) * (torch.rand(g * 24, 9) < 0.2)
+    w_hh = torch.randn(g * 24, 24) * (torch.rand(g * 24, 24) < 0.2)
+    b = torch.randn(g * 24)
+    c = c0 if cell == "lstm" else None
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with sparse_mode("always"):
+                y, h_n, c_n, saved = ops.dst_sparse_rnn_train(x, h0, c, w_ih, w_hh, b, b, cell, False)
+                back = ops.dst_sparse_rnn_backward(y, h_n, None, x, h0, c, w_ih, w_hh, y, saved, cell, False, True)
+            results.append((y, h_n, c_n, *back[:3]))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_inference_op_equals_the_training_op(cell, reverse):
+    torch.manual_seed(0)
+    g = 4 if cell == "lstm" else 3
+    x, h0, c0 = torch.randn(5, 3, 6), torch.randn(3, 7), torch.randn(3, 7)
+    w_ih = torch.randn(g * 7, 6) * (torch.rand(g * 7, 6) < 0.3)
+    w_hh = torch.randn(g * 7, 7) * (torch.rand(g * 7, 7) < 0.3)
+    b_ih, b_hh = torch.randn(g * 7), torch.randn(g * 7)
+    c = c0 if cell == "lstm" else None
+    zero = torch.zeros(g * 7)
+    csr_ih = ops.dst_sparse_mask(w_ih, zero)
+    csr_hh = ops.dst_sparse_mask(w_hh, zero)
+    with sparse_mode("always"):
+        y, h_n, c_n, _ = ops.dst_sparse_rnn_train(x, h0, c, w_ih, w_hh, b_ih, b_hh, cell, reverse)
+    y2, h2, c2 = ops.dst_sparse_rnn(x, h0, c, *csr_ih, *csr_hh, b_ih, b_hh, cell, reverse)
+    assert torch.equal(y, y2) and torch.equal(h_n, h2) and torch.equal(c_n, c2)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_opcheck(cell):
+    g = 4 if cell == "lstm" else 3
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True) if cell == "lstm" else None
+    w_ih = (torch.randn(g * 5, 4, dtype=torch.float64) * (torch.rand(g * 5, 4) < 0.5)).requires_grad_(True)
+    w_hh = (torch.randn(g * 5, 5, dtype=torch.float64) * (torch.rand(g * 5, 5) < 0.5)).requires_grad_(True)
+    b = torch.randn(g * 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.dst_sparse_rnn_train, (x, h0, c0, w_ih, w_hh, b, b, cell, True))
+    zero = torch.zeros(g * 5, dtype=torch.float64)
+    csr = [*ops.dst_sparse_mask(w_ih.detach(), zero), *ops.dst_sparse_mask(w_hh.detach(), zero)]
+    args = (x.detach(), h0.detach(), None if c0 is None else c0.detach(), *csr, b.detach(), None, cell, False)
+    torch.library.opcheck(ops.dst_sparse_rnn, args)
+
+
+def test_the_functional_entry_point():
+    x, h0, c0 = torch.randn(3, 2, 4), torch.randn(2, 5), torch.randn(2, 5)
+    w_ih, w_hh = torch.randn(20, 4), torch.randn(20, 5)
+    y, h_n, c_n = DF.rnn_layer(x, h0, c0, w_ih, w_hh, None, None, mode="lstm")
+    assert y.shape == (3, 2, 5) and h_n.shape == (2, 5) and c_n.shape == (2, 5)
+    assert torch.equal(h_n, y[-1])
+    with pytest.raises(ValueError, match="mode must be 'lstm' or 'gru'"):
+        DF.rnn_layer(x, h0, c0, w_ih, w_hh, None, None, mode="rnn")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"mode": "rnn"}, "mode must be 'lstm' or 'gru'"),
+        ({"x": torch.randn(3, 4)}, r"x must be \[steps, batch, input_size\]"),
+        ({"x": torch.randn(3, 2, 4).half()}, "x must be float32 or float64"),
+        ({"w_hh": torch.randn(19, 5)}, "the recurrent weight must be"),
+        ({"w_ih": torch.randn(20, 3)}, "the input weight must be"),
+        ({"h0": torch.randn(3, 5)}, r"h0 must be \[2, 5\]"),
+        ({"c0": None}, "the LSTM needs c0"),
+        ({"b": torch.randn(19)}, r"the biases must be \[20\]"),
+        ({"w_ih": torch.randn(20, 4).double()}, "weight_ih and weight_hh must share a dtype"),
+        ({"x": torch.randn(3, 2, 4).double()}, "the weights have dtype"),
+    ],
+)
+def test_bad_input_names_the_argument(change, message):
+    args = {
+        "x": torch.randn(3, 2, 4),
+        "h0": torch.randn(2, 5),
+        "c0": torch.randn(2, 5),
+        "w_ih": torch.randn(20, 4),
+        "w_hh": torch.randn(20, 5),
+        "b": torch.randn(20),
+        "mode": "lstm",
+    }
+    args.update(change)
+    a = args
+    with pytest.raises(RuntimeError, match=message):
+        ops.dst_sparse_rnn_train(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b"], None, a["mode"], False)
+
+
+def test_a_bad_compressed_matrix_is_refused():
+    x, h0, c0 = torch.randn(3, 2, 4), torch.randn(2, 5), torch.randn(2, 5)
+    zero = torch.zeros(20)
+    crow, col, val = ops.dst_sparse_mask(torch.randn(20, 4), zero)
+    hh = ops.dst_sparse_mask(torch.randn(20, 5), zero)
+    bad = col.clone()
+    bad[0] = 9
+    with pytest.raises(RuntimeError, match=r"col_indices must lie in \[0, 4\)"):
+        ops.dst_sparse_rnn(x, h0, c0, crow, bad, val, *hh, None, None, "lstm", False)
+
+
+def test_compiles_fullgraph():
+    # Dynamo refuses nn.LSTM subclasses unless told otherwise (its RNN support is experimental).
+    torch._dynamo.reset()
+    layer = dst.DSTLSTM(4, 6, 2, backend="native", min_density=None)
+    _set_density(layer, 0.3)
+    x = torch.randn(5, 3, 4)
+    with sparse_mode("always"), torch._dynamo.config.patch(allow_rnn=True):
+        expected = layer(x)[0]
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        got = compiled(x)[0]
+    assert_close_rel(got, expected, 1e-6, "compiled output")
