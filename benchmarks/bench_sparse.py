@@ -12,6 +12,10 @@ Cases have a ``density`` (thresholds set per row to keep that fraction; reset ru
   the peer SparseProp's ``SparseConv2d`` (static mask, dW at the kept weights only) with its
   kernels vectorised over the batch (``sparseprop``) and over the output width
   (``sparseprop-on``);
+* mode ``step``, shape ``(batch, steps, input, hidden, layers)``: one training step of a
+  ``DSTLSTM`` (gradients of W, t and b; batch-first input): ``dense`` (``nn.LSTM``),
+  ``native`` (the sparse recurrent kernel below the crossover) and ``native-dense`` (the layer
+  held on PyTorch's fused LSTM on the masked weights, the path before the kernel);
 * mode ``forward``, shape ``(batch, 784, 300, 100)``: LeNet-300-100 inference, eval mode,
   no grad: ``dense`` (``export.fold``), ``torch-sparse`` (the folded weights as
   ``torch.sparse_csr`` tensors), ``native`` (``export.to_sparse``) and ``sparseprop`` (its

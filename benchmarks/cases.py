@@ -113,6 +113,27 @@ SPARSE_CONV_INFERENCE = {
     "gpu": [],
 }
 SPARSE_CONV_INFERENCE["cpu-full"] = SPARSE_CONV_INFERENCE["cpu"]
+# The sparse family's LSTM cases: one DSTLSTM training step (batch, steps, input, hidden, layers)
+# at the densities listed with it: the paper's MNIST LSTM-a (hidden 128) at 2 % and LSTM-b
+# (hidden 256) at 1 %, rows of 28 pixels as the 28 steps, batch 100.
+SPARSE_LSTM_STEP = {
+    "smoke": [((2, 3, 4, 5, 2), [0.3])],
+    "cpu": [
+        ((100, 28, 28, 128, 2), [0.02, 1.0]),
+        ((100, 28, 28, 256, 2), [0.01, 1.0]),
+    ],
+    "gpu-quick": [],
+    "gpu": [],
+}
+SPARSE_LSTM_STEP["cpu-full"] = SPARSE_LSTM_STEP["cpu"]
+# LSTM-b inference (eval, no grad) at 1 %, batch 1 and 100: the folded nn.LSTM against to_sparse.
+SPARSE_LSTM_INFERENCE = {
+    "smoke": [((2, 3, 4, 5, 2), 0.3)],
+    "cpu": [((1, 28, 28, 256, 2), 0.01), ((100, 28, 28, 256, 2), 0.01)],
+    "gpu-quick": [],
+    "gpu": [],
+}
+SPARSE_LSTM_INFERENCE["cpu-full"] = SPARSE_LSTM_INFERENCE["cpu"]
 SPARSE_DENSITIES = {
     "smoke": [0.03],
     "cpu": [0.03, 1.0],
@@ -189,4 +210,7 @@ def _sparse_cases(size: str, device: str) -> list[Case]:
     for shape, densities in SPARSE_CONV_STEP[size]:
         out += [Case("sparse", shape, torch.float32, "step", device, d) for d in densities]
     out += [Case("sparse", s, torch.float32, "forward", device, d) for s, d in SPARSE_CONV_INFERENCE[size]]
+    for shape, densities in SPARSE_LSTM_STEP[size]:
+        out += [Case("sparse", shape, torch.float32, "step", device, d) for d in densities]
+    out += [Case("sparse", s, torch.float32, "forward", device, d) for s, d in SPARSE_LSTM_INFERENCE[size]]
     return out

@@ -13,7 +13,7 @@ from torch import nn
 import dst_kernels as dst
 from dst_kernels.sparse import sparse_mode
 
-__all__ = ["build_sparse_step", "sparse_impls", "sparseprop_missing", "is_conv", "CONV_MODELS"]
+__all__ = ["build_sparse_step", "sparse_impls", "sparseprop_missing", "is_conv", "is_lstm", "CONV_MODELS"]
 
 # The peer's registry release; it compiles with -march=native on install.
 SPARSEPROP = "sparseprop==0.1.14"
@@ -40,8 +40,18 @@ def is_conv(case) -> bool:
     return len(case.shape) == 6 or (case.mode == "forward" and tuple(case.shape[1:]) in CONV_MODELS)
 
 
+def is_lstm(case) -> bool:
+    """An LSTM case: a training step of a DSTLSTM (batch, steps, input, hidden, layers)."""
+    return len(case.shape) == 5
+
+
 def sparse_impls(case) -> list[str]:
     native = "native" in dst.available_backends(case.device)
+    if is_lstm(case):
+        if case.mode == "forward":
+            return ["dense"] + (["native"] if native else [])
+        # native-dense: the layer held on PyTorch's fused LSTM (the path before the kernel).
+        return ["dense"] + (["native-dense", "native"] if native else [])
     # The peer stores a static mask: it is measured at the sparse densities only.
     peers = [] if sparseprop_missing() or case.density >= 0.5 else ["sparseprop"]
     if case.mode == "forward":
@@ -100,7 +110,50 @@ def _conv_layers(impl: str, case):
     return layer.train(), x, grad
 
 
+def _lstm_inference(impl: str, case):
+    batch, steps, n_in, hidden, layers = case.shape
+    torch.manual_seed(0)
+    layer = dst.DSTLSTM(n_in, hidden, layers, batch_first=True, min_density=None, backend="native")
+    with torch.no_grad():
+        for w, t in layer._dst_pairs:
+            getattr(layer, t).copy_(_thresholds_for(layer._parameters[w], case.density))
+    layer = layer.to(case.dtype).eval()
+    net = dst.export.to_sparse(layer, max_density=1.0) if impl == "native" else dst.export.fold(layer)
+    x = torch.randn(batch, steps, n_in, generator=torch.Generator().manual_seed(1)).to(case.dtype)
+
+    def step():
+        with torch.no_grad():
+            net(x)
+
+    return step
+
+
+def _lstm_step(impl: str, case):
+    batch, steps, n_in, hidden, layers = case.shape
+    torch.manual_seed(0)
+    if impl == "dense":
+        layer = nn.LSTM(n_in, hidden, layers, batch_first=True, dtype=case.dtype)
+    else:
+        layer = dst.DSTLSTM(n_in, hidden, layers, batch_first=True, min_density=None, backend="native")
+        layer = layer.to(case.dtype)
+        with torch.no_grad():
+            for w, t in layer._dst_pairs:
+                getattr(layer, t).copy_(_thresholds_for(layer._parameters[w], case.density))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, steps, n_in, generator=g).to(case.dtype)
+    grad = torch.randn(batch, steps, hidden, generator=g).to(case.dtype)
+    wrt = list(layer.parameters())
+    layer.train()
+
+    def step():
+        torch.autograd.grad(layer(x)[0], wrt, grad)
+
+    return held("never", step) if impl == "native-dense" else step
+
+
 def training_step(impl: str, case):
+    if is_lstm(case):
+        return _lstm_step(impl, case)
     if len(case.shape) == 6:
         layer, x, grad = _conv_layers(impl, case)
         wrt = [*layer.parameters(), x]
@@ -186,7 +239,7 @@ def _inference_step(impl: str, case):
 def build_sparse_step(impl: str, case):
     """The timed callable of ``impl`` for a case of the sparse family."""
     if case.mode == "forward":
-        return _inference_step(impl, case)
+        return _lstm_inference(impl, case) if is_lstm(case) else _inference_step(impl, case)
     return training_step(impl, case)
 
 

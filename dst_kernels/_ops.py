@@ -197,7 +197,19 @@ def _register_sparse_rnn() -> None:
 
     @torch.library.register_fake("dst_kernels::dst_sparse_rnn")
     def _dst_sparse_rnn_fake(
-        x, h0, c0, ih_crow, ih_col, ih_values, hh_crow, hh_col, hh_values, bias_ih, bias_hh, mode, reverse=False
+        x,
+        h0,
+        c0,
+        ih_crow,
+        ih_col,
+        ih_values,
+        hh_crow,
+        hh_col,
+        hh_values,
+        bias_ih,
+        bias_hh,
+        mode,
+        reverse=False,
     ):
         torch._check(x.dim() == 3, lambda: "dst_sparse_rnn: x must be [steps, batch, input_size]")
         return _rnn_fake_outputs(x, h0, c0, h0.shape[1], mode)

@@ -17,7 +17,9 @@ from dst_kernels.export.sparse import (
     DEFAULT_MAX_DENSITY,
     SPARSE_FORMAT,
     SparseConv2d,
+    SparseGRU,
     SparseLinear,
+    SparseLSTM,
     load_sparse,
     require_native,
     save_sparse,
@@ -27,6 +29,8 @@ from dst_kernels.export.sparse import (
 __all__ = [
     "SparseLinear",
     "SparseConv2d",
+    "SparseLSTM",
+    "SparseGRU",
     "to_sparse",
     "save_sparse",
     "load_sparse",

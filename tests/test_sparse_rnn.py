@@ -68,9 +68,11 @@ def _inputs(cell, case, dtype=torch.float64, seed=1):
     states = layers * (2 if bi else 1)
     h0 = torch.randn(states, batch, hidden, generator=g, dtype=torch.float64)
     c0 = torch.randn(states, batch, hidden, generator=g, dtype=torch.float64)
-    return [t.to(dtype).requires_grad_(True) for t in (x, h0, c0)] if cell == "lstm" else [
-        t.to(dtype).requires_grad_(True) for t in (x, h0)
-    ]
+    return (
+        [t.to(dtype).requires_grad_(True) for t in (x, h0, c0)]
+        if cell == "lstm"
+        else [t.to(dtype).requires_grad_(True) for t in (x, h0)]
+    )
 
 
 def _run(layer, cell, inputs, with_state=True):
@@ -219,7 +221,9 @@ def test_deterministic_for_any_thread_count(cell):
             torch.set_num_threads(threads)
             with sparse_mode("always"):
                 y, h_n, c_n, saved = ops.dst_sparse_rnn_train(x, h0, c, w_ih, w_hh, b, b, cell, False)
-                back = ops.dst_sparse_rnn_backward(y, h_n, None, x, h0, c, w_ih, w_hh, y, saved, cell, False, True)
+                back = ops.dst_sparse_rnn_backward(
+                    y, h_n, None, x, h0, c, w_ih, w_hh, y, saved, cell, False, True
+                )
             results.append((y, h_n, c_n, *back[:3]))
     finally:
         torch.set_num_threads(before)
@@ -301,7 +305,9 @@ def test_bad_input_names_the_argument(change, message):
     args.update(change)
     a = args
     with pytest.raises(RuntimeError, match=message):
-        ops.dst_sparse_rnn_train(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b"], None, a["mode"], False)
+        ops.dst_sparse_rnn_train(
+            a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b"], None, a["mode"], False
+        )
 
 
 def test_a_bad_compressed_matrix_is_refused():
@@ -326,3 +332,56 @@ def test_compiles_fullgraph():
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         got = compiled(x)[0]
     assert_close_rel(got, expected, 1e-6, "compiled output")
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]])
+def test_to_sparse_computes_the_folded_model(cell, case, tmp_path):
+    ours, _ = _pair(cell, case, 0.1, torch.float32)
+    model = nn.Sequential(ours).eval()
+    sparse = dst.export.to_sparse(model)
+    kind = dst.export.SparseLSTM if cell == "lstm" else dst.export.SparseGRU
+    assert isinstance(sparse[0], kind)
+    kept = sum(int(m.sum()) for m in ours.masks().values())
+    assert sparse[0].nnz == kept
+    folded = dst.export.fold(model)
+    x, *state = _inputs(cell, case, torch.float32)
+    x = x.detach()
+    hx = tuple(s.detach() for s in state) if cell == "lstm" else state[0].detach()
+    with torch.no_grad():
+        expected, want = folded[0](x, hx)
+        got, have = sparse[0](x, hx)
+    assert_close_rel(got, expected, 1e-5, "output")
+    for a, b in zip(have if cell == "lstm" else (have,), want if cell == "lstm" else (want,)):
+        assert_close_rel(a, b, 1e-5, "state")
+    # state_dict round trip into a module of another density, and the file format
+    other, _ = _pair(cell, case, 0.2, torch.float32)
+    again = dst.export.to_sparse(nn.Sequential(other).eval())
+    again.load_state_dict(sparse.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again[0](x, hx)[0], got)
+    path = tmp_path / "rnn.pt"
+    dst.export.save_sparse(model, path)
+    loaded = dst.export.load_sparse(path)
+    with torch.no_grad():
+        assert torch.equal(loaded[0](x, hx)[0], got)
+
+
+def test_to_sparse_keeps_dense_what_it_cannot_run():
+    proj = dst.DSTLSTM(3, 4, 1, proj_size=2, backend="native")
+    _set_density(proj, 0.1)
+    assert type(dst.export.to_sparse(nn.Sequential(proj))[0]) is nn.LSTM
+    dense = dst.DSTLSTM(3, 4, 1, backend="native")
+    _set_density(dense, 1.0)
+    assert type(dst.export.to_sparse(nn.Sequential(dense))[0]) is nn.LSTM
+
+
+def test_sparse_lstm_refuses_packed_input():
+    layer = dst.DSTLSTM(3, 4, 1, backend="native")
+    _set_density(layer, 0.1)
+    sparse = dst.export.to_sparse(layer)
+    with pytest.raises(TypeError, match="takes a tensor input"):
+        sparse(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]))

@@ -1424,8 +1424,8 @@ DST_CPU_MULTIVERSION(csr_row_block, csr_row_block_impl)
 // y = A x (+ bias) for A [rows, k] in CSR and x [k, n] (row stride ldx), y [rows, n] (ldy):
 // parallel over (row, block of kRowBlock columns).
 template <typename scalar_t>
-void csr_rows_product(const Compressed& a, int64_t rows, const scalar_t* x, int64_t ldx,
-                      int64_t n, const scalar_t* bias, bool add, scalar_t* y, int64_t ldy) {
+void csr_rows_product(const Compressed& a, int64_t rows, const scalar_t* x, int64_t ldx, int64_t n,
+                      const scalar_t* bias, bool add, scalar_t* y, int64_t ldy) {
   if (rows == 0 || n == 0) {
     return;
   }
@@ -1561,8 +1561,8 @@ RnnShape check_rnn(const char* op, Cell cell, const Tensor& x, const Tensor& h0,
               ": x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   const int64_t g = gates_of(cell);
-  TORCH_CHECK(hh_rows % g == 0 && hh_rows / g == hh_cols, op, ": the recurrent weight must be [",
-              g, " * hidden_size, hidden_size], got [", hh_rows, ", ", hh_cols, "]");
+  TORCH_CHECK(hh_rows % g == 0 && hh_rows / g == hh_cols, op, ": the recurrent weight must be [", g,
+              " * hidden_size, hidden_size], got [", hh_rows, ", ", hh_cols, "]");
   const RnnShape s{cell, x.size(0), x.size(1), x.size(2), hh_cols};
   TORCH_CHECK(ih_rows == s.gates() && ih_cols == s.in, op, ": the input weight must be [",
               s.gates(), ", ", s.in, "] for x of shape ", x.sizes(), " and hidden_size ", s.hidden,
@@ -1575,10 +1575,10 @@ RnnShape check_rnn(const char* op, Cell cell, const Tensor& x, const Tensor& h0,
               ": h0 must have x's dtype and device");
   if (cell == Cell::kLstm) {
     TORCH_CHECK(c0.has_value() && c0->defined(), op, ": the LSTM needs c0");
-    TORCH_CHECK(c0->sizes() == h0.sizes() && c0->scalar_type() == x.scalar_type() &&
-                    c0->device().is_cpu(),
-                op, ": c0 must be [", s.batch, ", ", s.hidden, "] with x's dtype and device, got ",
-                c0->sizes(), " ", c0->scalar_type());
+    TORCH_CHECK(
+        c0->sizes() == h0.sizes() && c0->scalar_type() == x.scalar_type() && c0->device().is_cpu(),
+        op, ": c0 must be [", s.batch, ", ", s.hidden, "] with x's dtype and device, got ",
+        c0->sizes(), " ", c0->scalar_type());
   }
   for (const auto* b : {&b_ih, &b_hh}) {
     if (b->has_value() && (*b)->defined()) {
@@ -1865,7 +1865,8 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     const scalar_t* gxp = gx.defined() ? gx.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* bufp = bufs.defined() ? bufs.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t g = gates_of(s.cell);
-    const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+    const int threads =
+        static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
     const auto block_of = [&](int64_t k, int64_t t) {
       return gates != nullptr ? gates + t * S * B : bufp + (k % 2) * S * B;
     };
@@ -1918,53 +1919,54 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     }
     sv = block_of(T - 1, reverse ? 0 : T - 1);
   } else {
-  for (int64_t k = 0; k < T; ++k) {
-    const int64_t t = reverse ? T - 1 - k : k;
-    sv = gates != nullptr ? gates + t * S * B : bufs.mutable_data_ptr<scalar_t>() + (k % 2) * S * B;
-    // The input part of the gates (rows [0, G) of the step's block).
-    if (gx.defined()) {
-      std::memcpy(sv, gx.const_data_ptr<scalar_t>() + t * G * B, sizeof(scalar_t) * G * B);
-    } else {
-      ih(xt.const_data_ptr<scalar_t>() + t * B, TB, B, bp, sv, B, opt);
-    }
-    scalar_t* hcur = ht + t * B;  // [H, B] with row stride T * B
-    if (lstm) {
-      hh(h_prev, ld_h, B, nullptr, sv, B, opt, true);
-      over_units(H, B, [&](int64_t j) {
-        lstm_unit(sv + j * B, H * B, c_prev + j * B, hcur + j * TB, B);
-      });
-      c_prev = sv + 4 * H * B;
-    } else {
-      scalar_t* ghp = gh.mutable_data_ptr<scalar_t>();
-      hh(h_prev, ld_h, B, b_hh, ghp, B, opt);
-      over_units(H, B, [&](int64_t j) {
-        const int64_t hb = H * B;
-        for (int64_t q = 0; q < 2; ++q) {
-          const scalar_t* g = ghp + (q * H + j) * B;
-          scalar_t* o = sv + q * hb + j * B;
-          for (int64_t b = 0; b < B; ++b) {
-            o[b] += g[b];
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t t = reverse ? T - 1 - k : k;
+      sv = gates != nullptr ? gates + t * S * B
+                            : bufs.mutable_data_ptr<scalar_t>() + (k % 2) * S * B;
+      // The input part of the gates (rows [0, G) of the step's block).
+      if (gx.defined()) {
+        std::memcpy(sv, gx.const_data_ptr<scalar_t>() + t * G * B, sizeof(scalar_t) * G * B);
+      } else {
+        ih(xt.const_data_ptr<scalar_t>() + t * B, TB, B, bp, sv, B, opt);
+      }
+      scalar_t* hcur = ht + t * B;  // [H, B] with row stride T * B
+      if (lstm) {
+        hh(h_prev, ld_h, B, nullptr, sv, B, opt, true);
+        over_units(H, B, [&](int64_t j) {
+          lstm_unit(sv + j * B, H * B, c_prev + j * B, hcur + j * TB, B);
+        });
+        c_prev = sv + 4 * H * B;
+      } else {
+        scalar_t* ghp = gh.mutable_data_ptr<scalar_t>();
+        hh(h_prev, ld_h, B, b_hh, ghp, B, opt);
+        over_units(H, B, [&](int64_t j) {
+          const int64_t hb = H * B;
+          for (int64_t q = 0; q < 2; ++q) {
+            const scalar_t* g = ghp + (q * H + j) * B;
+            scalar_t* o = sv + q * hb + j * B;
+            for (int64_t b = 0; b < B; ++b) {
+              o[b] += g[b];
+            }
           }
-        }
-        const scalar_t* g = ghp + (2 * H + j) * B;
-        scalar_t* o = sv + 3 * hb + j * B;
-        for (int64_t b = 0; b < B; ++b) {
-          o[b] = g[b];
-        }
-      });
-      over_units(H, B, [&](int64_t j) {
-        gru_unit(sv + j * B, H * B, h_prev + j * ld_h, hcur + j * TB, B);
-      });
+          const scalar_t* g = ghp + (2 * H + j) * B;
+          scalar_t* o = sv + 3 * hb + j * B;
+          for (int64_t b = 0; b < B; ++b) {
+            o[b] = g[b];
+          }
+        });
+        over_units(H, B, [&](int64_t j) {
+          gru_unit(sv + j * B, H * B, h_prev + j * ld_h, hcur + j * TB, B);
+        });
+      }
+      h_prev = hcur;
+      ld_h = TB;
     }
-    h_prev = hcur;
-    ld_h = TB;
-  }
   }
   const int64_t last = reverse ? 0 : T - 1;
   const Tensor htv = at::from_blob(ht, {H, T, B}, opt);
   Tensor h_n = htv.select(1, last).t().contiguous();
-  Tensor c_n = lstm ? at::from_blob(sv + 4 * H * B, {H, B}, opt).t().contiguous()
-                    : at::empty({0}, opt);
+  Tensor c_n =
+      lstm ? at::from_blob(sv + 4 * H * B, {H, B}, opt).t().contiguous() : at::empty({0}, opt);
   return {h_n, c_n};
 }
 
@@ -1983,9 +1985,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
   check_weight(op, "weight_hh", weight_hh);
   TORCH_CHECK(weight_hh.scalar_type() == weight_ih.scalar_type(), op,
               ": weight_ih and weight_hh must share a dtype");
-  const RnnShape s = check_rnn(op, cell, x_in, h0_in, c0_in, weight_ih.size(0), weight_ih.size(1),
-                               weight_hh.size(0), weight_hh.size(1), weight_ih.scalar_type(),
-                               bias_ih, bias_hh);
+  const RnnShape s =
+      check_rnn(op, cell, x_in, h0_in, c0_in, weight_ih.size(0), weight_ih.size(1),
+                weight_hh.size(0), weight_hh.size(1), weight_ih.scalar_type(), bias_ih, bias_hh);
   const Tensor x = x_in.contiguous();
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = cell == Cell::kLstm ? c0_in->contiguous() : Tensor();
@@ -2000,10 +2002,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
     const auto ih = product_of<scalar_t>(pih, TB, false);
     const auto hh = product_of<scalar_t>(phh, s.batch, false);
-    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh, data_or_null<scalar_t>(bi),
-                                 data_or_null<scalar_t>(bh), reverse,
-                                 ht.mutable_data_ptr<scalar_t>(),
-                                 saved.mutable_data_ptr<scalar_t>());
+    last = rnn_forward<scalar_t>(
+        s, x, h0, c0, ih, hh, data_or_null<scalar_t>(bi), data_or_null<scalar_t>(bh), reverse,
+        ht.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<scalar_t>());
   });
   return {outputs_of(ht, s), last.first, last.second, saved};
 }
@@ -2017,8 +2018,7 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
   const Cell cell = cell_of(op, mode);
   TORCH_CHECK(x_in.dim() == 3, op, ": x must be [steps, batch, input_size], got shape ",
               x_in.sizes());
-  TORCH_CHECK(h0_in.dim() == 2, op, ": h0 must be [batch, hidden_size], got shape ",
-              h0_in.sizes());
+  TORCH_CHECK(h0_in.dim() == 2, op, ": h0 must be [batch, hidden_size], got shape ", h0_in.sizes());
   const int64_t hidden = h0_in.size(1);
   check_csr(op, ih_crow, ih_col, ih_val, x_in.size(2));
   check_csr(op, hh_crow, hh_col, hh_val, hidden);
@@ -2047,10 +2047,10 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
 // (`hh_t`): one parallel region, each thread owning a range of units (their dh, dc and
 // gate-gradient rows), one barrier per step between the gate gradients and dh.
 template <typename scalar_t>
-void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse,
-                       const scalar_t* svp, const scalar_t* htp, const scalar_t* gyp,
-                       const Tensor& h0t, const Tensor& c0t, Tensor& dh, Tensor& dc,
-                       Tensor& direct, Tensor& dgi, Tensor& dgh) {
+void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse, const scalar_t* svp,
+                       const scalar_t* htp, const scalar_t* gyp, const Tensor& h0t,
+                       const Tensor& c0t, Tensor& dh, Tensor& dc, Tensor& direct, Tensor& dgi,
+                       Tensor& dgh) {
   const bool lstm = s.cell == Cell::kLstm;
   const int64_t T = s.steps, B = s.batch, H = s.hidden, S = s.saved_rows(), TB = T * B;
   const int32_t* tcrow = hh_t.crow.const_data_ptr<int32_t>();
@@ -2080,8 +2080,8 @@ void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse,
         const scalar_t* gyr = gy_t != nullptr ? gy_t + j * TB : nullptr;
         if (lstm) {
           const scalar_t* cp = first ? c0p + j * B : svp + tp * S * B + 4 * hb + j * B;
-          lstm_unit_grad(sv + j * B, hb, cp, dhp + j * B, gyr, dcp + j * B,
-                         dgip + t * B + j * TB, H * TB, B);
+          lstm_unit_grad(sv + j * B, hb, cp, dhp + j * B, gyr, dcp + j * B, dgip + t * B + j * TB,
+                         H * TB, B);
         } else {
           const scalar_t* hp = first ? h0p + j * B : htp + tp * B + j * TB;
           gru_unit_grad(sv + j * B, hb, hp, dhp + j * B, gyr, dgip + t * B + j * TB,
@@ -2092,8 +2092,9 @@ void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse,
       for (int64_t j = j0; j < j1; ++j) {
         csr_row_block(dghp + t * B, TB, tcol, tval, static_cast<int64_t>(tcrow[j]),
                       static_cast<int64_t>(tcrow[j + 1]), scalar_t(0), !lstm, B,
-                      lstm ? dhp + j * B : static_cast<scalar_t*>(std::memcpy(
-                                               dhp + j * B, ddp + j * B, sizeof(scalar_t) * B)));
+                      lstm ? dhp + j * B
+                           : static_cast<scalar_t*>(
+                                 std::memcpy(dhp + j * B, ddp + j * B, sizeof(scalar_t) * B)));
       }
     }
   }
@@ -2115,8 +2116,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dst_sparse_rn
                                std::nullopt, std::nullopt);
   const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates(), I = s.in;
   const int64_t S = s.saved_rows(), TB = T * B;
-  TORCH_CHECK(y_in.sizes() == at::IntArrayRef({T, B, H}), op, ": y must be [", T, ", ", B, ", ",
-              H, "], got ", y_in.sizes());
+  TORCH_CHECK(y_in.sizes() == at::IntArrayRef({T, B, H}), op, ": y must be [", T, ", ", B, ", ", H,
+              "], got ", y_in.sizes());
   TORCH_CHECK(saved_in.dim() == 1 && saved_in.numel() == s.saved_numel() &&
                   saved_in.scalar_type() == x_in.scalar_type(),
               op, ": saved must be the forward's (", s.saved_numel(), " values), got ",
@@ -2157,43 +2158,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dst_sparse_rn
     const scalar_t* gyp = gyt.defined() ? gyt.const_data_ptr<scalar_t>() : nullptr;
     if (!hh_t.dense.defined() && T > 0) {
       rnn_backward_walk<scalar_t>(s, hh_t.c, reverse, saved.const_data_ptr<scalar_t>(),
-                                  ht.const_data_ptr<scalar_t>(), gyp, h0t, c0t, dh, dc, direct,
-                                  dgi, dgh);
+                                  ht.const_data_ptr<scalar_t>(), gyp, h0t, c0t, dh, dc, direct, dgi,
+                                  dgh);
     } else {
-    for (int64_t k = 0; k < T; ++k) {
-      const int64_t t = reverse ? k : T - 1 - k;   // the forward's steps in reverse
-      const bool first = k == T - 1;               // the forward's first step
-      const int64_t tp = reverse ? t + 1 : t - 1;  // the step before it in the forward
-      const scalar_t* sv = svp + t * S * B;
-      const scalar_t* gy_t = gyp != nullptr ? gyp + t * B : nullptr;  // row stride T * B
-      scalar_t* dgit = dgi.mutable_data_ptr<scalar_t>() + t * B;      // row stride T * B
-      const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
-      const int64_t hb = H * B;
-      if (lstm) {
-        const scalar_t* c_prev = first ? c0t.const_data_ptr<scalar_t>() : svp + tp * S * B + 4 * hb;
-        scalar_t* dcp = dc.mutable_data_ptr<scalar_t>();
-        over_units(H, B, [&](int64_t j) {
-          lstm_unit_grad(sv + j * B, hb, c_prev + j * B, dhp + j * B,
-                         gy_t != nullptr ? gy_t + j * TB : nullptr, dcp + j * B, dgit + j * TB,
-                         H * TB, B);
-        });
-        hh_t(dgit, TB, B, nullptr, rec.mutable_data_ptr<scalar_t>(), B, opt);
-        std::swap(dh, rec);
-      } else {
-        const scalar_t* h_prev = first ? h0t.const_data_ptr<scalar_t>() : htp + tp * B;
-        const int64_t ld_h = first ? B : TB;
-        scalar_t* dght = dgh.mutable_data_ptr<scalar_t>() + t * B;
-        scalar_t* dd = direct.mutable_data_ptr<scalar_t>();
-        over_units(H, B, [&](int64_t j) {
-          gru_unit_grad(sv + j * B, hb, h_prev + j * ld_h, dhp + j * B,
-                        gy_t != nullptr ? gy_t + j * TB : nullptr, dgit + j * TB, dght + j * TB,
-                        H * TB, dd + j * B, B);
-        });
-        hh_t(dght, TB, B, nullptr, rec.mutable_data_ptr<scalar_t>(), B, opt);
-        rec.add_(direct);
-        std::swap(dh, rec);
+      for (int64_t k = 0; k < T; ++k) {
+        const int64_t t = reverse ? k : T - 1 - k;   // the forward's steps in reverse
+        const bool first = k == T - 1;               // the forward's first step
+        const int64_t tp = reverse ? t + 1 : t - 1;  // the step before it in the forward
+        const scalar_t* sv = svp + t * S * B;
+        const scalar_t* gy_t = gyp != nullptr ? gyp + t * B : nullptr;  // row stride T * B
+        scalar_t* dgit = dgi.mutable_data_ptr<scalar_t>() + t * B;      // row stride T * B
+        const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+        const int64_t hb = H * B;
+        if (lstm) {
+          const scalar_t* c_prev =
+              first ? c0t.const_data_ptr<scalar_t>() : svp + tp * S * B + 4 * hb;
+          scalar_t* dcp = dc.mutable_data_ptr<scalar_t>();
+          over_units(H, B, [&](int64_t j) {
+            lstm_unit_grad(sv + j * B, hb, c_prev + j * B, dhp + j * B,
+                           gy_t != nullptr ? gy_t + j * TB : nullptr, dcp + j * B, dgit + j * TB,
+                           H * TB, B);
+          });
+          hh_t(dgit, TB, B, nullptr, rec.mutable_data_ptr<scalar_t>(), B, opt);
+          std::swap(dh, rec);
+        } else {
+          const scalar_t* h_prev = first ? h0t.const_data_ptr<scalar_t>() : htp + tp * B;
+          const int64_t ld_h = first ? B : TB;
+          scalar_t* dght = dgh.mutable_data_ptr<scalar_t>() + t * B;
+          scalar_t* dd = direct.mutable_data_ptr<scalar_t>();
+          over_units(H, B, [&](int64_t j) {
+            gru_unit_grad(sv + j * B, hb, h_prev + j * ld_h, dhp + j * B,
+                          gy_t != nullptr ? gy_t + j * TB : nullptr, dgit + j * TB, dght + j * TB,
+                          H * TB, dd + j * B, B);
+          });
+          hh_t(dght, TB, B, nullptr, rec.mutable_data_ptr<scalar_t>(), B, opt);
+          rec.add_(direct);
+          std::swap(dh, rec);
+        }
       }
-    }
     }
     if (input_grad) {
       const auto ih_t = product_of<scalar_t>(pih, TB, true);
@@ -2221,8 +2223,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dst_sparse_rn
   }
   Tensor db_ih = dgi.sum(1);
   Tensor db_hh = lstm ? db_ih.clone() : dgh.sum(1);
-  return {dx, dh.t().contiguous(), lstm ? dc.t().contiguous() : at::empty({0}, opt), dw_ih, dw_hh,
-          db_ih, db_hh};
+  return {dx,
+          dh.t().contiguous(),
+          lstm ? dc.t().contiguous() : at::empty({0}, opt),
+          dw_ih,
+          dw_hh,
+          db_ih,
+          db_hh};
 }
 
 }  // namespace

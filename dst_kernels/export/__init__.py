@@ -13,7 +13,15 @@ from dst_kernels.export.compact import compact
 from dst_kernels.export.files import load_safetensors, save_pretrained, save_safetensors
 from dst_kernels.export.fold import dense_state_dict, fold
 from dst_kernels.export.onnx import to_onnx
-from dst_kernels.export.sparse import SparseConv2d, SparseLinear, load_sparse, save_sparse, to_sparse
+from dst_kernels.export.sparse import (
+    SparseConv2d,
+    SparseGRU,
+    SparseLinear,
+    SparseLSTM,
+    load_sparse,
+    save_sparse,
+    to_sparse,
+)
 
 __all__ = [
     "compact",
@@ -24,6 +32,8 @@ __all__ = [
     "load_sparse",
     "SparseLinear",
     "SparseConv2d",
+    "SparseLSTM",
+    "SparseGRU",
     "to_onnx",
     "save_safetensors",
     "load_safetensors",

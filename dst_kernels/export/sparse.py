@@ -22,6 +22,8 @@ from dst_kernels.nn.base import is_dst_layer
 __all__ = [
     "SparseLinear",
     "SparseConv2d",
+    "SparseLSTM",
+    "SparseGRU",
     "to_sparse",
     "save_sparse",
     "load_sparse",
@@ -313,20 +315,165 @@ def _sparse_conv_of(layer: nn.Module) -> SparseConv2d | None:
     )
 
 
+class _SparseRNN(nn.Module):
+    """Inference LSTM / GRU on the kept gate weights only: per layer and direction the CSR of
+    ``W_ih * M`` and ``W_hh * M`` (buffers ``{crow,col,values}_{ih,hh}_l{k}[_reverse]``) and the
+    biases, run by the sparse family's recurrent kernel (``dst_sparse_rnn``, CPU, float32 /
+    float64). Takes ``(input, hx)`` as ``nn.LSTM`` / ``nn.GRU`` do (batched or unbatched, not
+    packed); eval mode only (no dropout). Made by :func:`to_sparse`."""
+
+    _mode = ""
+
+    def __init__(self, rnn: nn.Module, thresholds: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        if getattr(rnn, "proj_size", 0):
+            raise ValueError("the sparse recurrent kernel has no projections (proj_size > 0)")
+        self.input_size, self.hidden_size = rnn.input_size, rnn.hidden_size
+        self.num_layers, self.bidirectional = rnn.num_layers, rnn.bidirectional
+        self.batch_first, self.has_bias = rnn.batch_first, rnn.bias
+        self._kept = 0
+        self._total = 0
+        thresholds = thresholds or {}
+        for name in rnn._flat_weights_names:
+            param = rnn._parameters[name].detach()
+            if name.startswith("weight_"):
+                part = name.removeprefix("weight_")
+                crow, col, values = _csr_of(param, thresholds.get(name))
+                self.register_buffer("crow_" + part, crow.to(torch.int32).contiguous())
+                self.register_buffer("col_" + part, col.to(torch.int32).contiguous())
+                self.register_buffer("values_" + part, values.contiguous())
+                self._kept += col.numel()
+                self._total += param.numel()
+            else:
+                self.register_buffer(name, param.clone().contiguous())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
+        for name, buf in self._buffers.items():
+            stored = state_dict.get(prefix + name)
+            if isinstance(stored, torch.Tensor) and buf is not None and stored.shape != buf.shape:
+                self._buffers[name] = buf.new_empty(stored.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+
+    @property
+    def nnz(self) -> int:
+        return sum(b.numel() for n, b in self._buffers.items() if n.startswith("col_"))
+
+    def density(self) -> float:
+        return self.nnz / max(1, self._total)
+
+    def forward(self, input, hx=None):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__} takes a tensor input (packed sequences: fold the model instead)"
+            )
+        require_native(type(self).__name__)
+        lstm = self._mode == "lstm"
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"{type(self).__name__}: input must be 2-D or 3-D, got shape {tuple(input.shape)}"
+            )
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if self.batch_first and batched:
+            x = x.transpose(0, 1)
+        directions = 2 if self.bidirectional else 1
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * directions, x.shape[1], self.hidden_size)
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = hx if lstm else (hx, None)
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        b = self._buffers
+        layer_in = x.contiguous()
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(directions):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                k = layer * directions + d
+                y, h_n, c_n = torch.ops.dst_kernels.dst_sparse_rnn(
+                    layer_in,
+                    h0[k],
+                    c0[k] if lstm else None,
+                    b["crow_ih" + sfx],
+                    b["col_ih" + sfx],
+                    b["values_ih" + sfx],
+                    b["crow_hh" + sfx],
+                    b["col_hh" + sfx],
+                    b["values_hh" + sfx],
+                    b.get("bias_ih" + sfx),
+                    b.get("bias_hh" + sfx),
+                    self._mode,
+                    bool(d),
+                )
+                outs.append(y)
+                hs.append(h_n)
+                cs.append(c_n)
+            layer_in = outs[0] if directions == 1 else torch.cat(outs, 2)
+        out = layer_in.transpose(0, 1) if self.batch_first and batched else layer_in
+        h_n = torch.stack(hs)
+        if not batched:
+            out, h_n = out.squeeze(1), h_n.squeeze(1)
+        if not lstm:
+            return out, h_n
+        c_n = torch.stack(cs)
+        return out, (h_n, c_n if batched else c_n.squeeze(1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"bidirectional={self.bidirectional}, batch_first={self.batch_first}, "
+            f"nnz={self.nnz}, density={self.density():.4f}, bias={self.has_bias}"
+        )
+
+
+class SparseLSTM(_SparseRNN):
+    """Inference ``nn.LSTM`` on the kept gate weights (see ``_SparseRNN``)."""
+
+    _mode = "lstm"
+
+
+class SparseGRU(_SparseRNN):
+    """Inference ``nn.GRU`` on the kept gate weights (see ``_SparseRNN``)."""
+
+    _mode = "gru"
+
+
+def _sparse_rnn_of(layer: nn.Module) -> _SparseRNN | None:
+    """A SparseLSTM / SparseGRU for a DSTLSTM / DSTGRU without projections, else None."""
+    if getattr(layer, "proj_size", 0) or not hasattr(layer, "_flat_weights_names"):
+        return None
+    cls = SparseLSTM if isinstance(layer, nn.LSTM) else SparseGRU if isinstance(layer, nn.GRU) else None
+    if cls is None:
+        return None
+    weights = {w: layer._parameters[w] for w, _ in layer._dst_pairs}
+    if any(w.dtype not in (torch.float32, torch.float64) or w.device.type != "cpu" for w in weights.values()):
+        return None
+    thresholds = {w: getattr(layer, t) for w, t in layer._dst_pairs}
+    return cls(layer, thresholds)
+
+
 # The plain class a DST layer folds to, and the sparse module it can become.
-_SPARSE_OF = {nn.Linear: _sparse_linear_of, nn.Conv2d: _sparse_conv_of}
+_SPARSE_OF = {
+    nn.Linear: _sparse_linear_of,
+    nn.Conv2d: _sparse_conv_of,
+    nn.LSTM: _sparse_rnn_of,
+    nn.GRU: _sparse_rnn_of,
+}
 
 
 @torch.no_grad()
 def to_sparse(model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY) -> nn.Module:
     """A copy of ``model`` for inference on the kept weights.
 
-    Every DST layer that folds to a plain ``nn.Linear`` or a groups-1 ``nn.Conv2d`` and keeps
-    at most ``max_density`` of its weights becomes a :class:`SparseLinear` or a
-    :class:`SparseConv2d` (CSR of ``W * M``; the products run in ``dst_kernels._C`` on the
-    CPU); the other DST layers (denser ones, grouped convolutions, LSTMs) are folded to their
-    plain classes as :func:`dst_kernels.export.fold` does. The copy computes ``model``'s
-    eval-mode function; ``model`` is unchanged.
+    Every DST layer that folds to a plain ``nn.Linear``, a groups-1 ``nn.Conv2d``, an
+    ``nn.LSTM`` without projections or an ``nn.GRU`` (CPU, float32 / float64) and keeps at most
+    ``max_density`` of its weights becomes a :class:`SparseLinear`, :class:`SparseConv2d`,
+    :class:`SparseLSTM` or :class:`SparseGRU` (CSR of ``W * M``; the products run in
+    ``dst_kernels._C`` on the CPU); the other DST layers (denser ones, grouped convolutions,
+    projected LSTMs) are folded to their plain classes as :func:`dst_kernels.export.fold` does.
+    The copy computes ``model``'s eval-mode function; ``model`` is unchanged.
     """
     if not 0.0 <= max_density <= 1.0:
         raise ValueError(f"max_density must be in [0, 1], got {max_density!r}")

@@ -9,7 +9,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from dst_kernels import _ops
-
 from dst_kernels import functional as DF
 from dst_kernels.nn.base import _OUTSIDE_READS, DSTLayer
 
@@ -79,7 +78,9 @@ class _DSTRNN(DSTLayer):
             return False
         if input.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
             return False
-        if DF.resolve_backend(self.backend, input.device) != "native" or not _ops.has_op("dst_sparse_rnn_train"):
+        if DF.resolve_backend(self.backend, input.device) != "native" or not _ops.has_op(
+            "dst_sparse_rnn_train"
+        ):
             return False
         tensors = [*masked.values(), *(self._parameters[n] for n in self._flat_weights_names)]
         states = () if hx is None else (hx if isinstance(hx, tuple) else (hx,))
