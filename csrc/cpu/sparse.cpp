@@ -1867,6 +1867,7 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     const int64_t g = gates_of(s.cell);
     const int threads =
         static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+    std::vector<scalar_t> h1(B == 1 ? 2 * H : 0);  // the batch-1 cells' contiguous h, h_prev
     const auto block_of = [&](int64_t k, int64_t t) {
       return gates != nullptr ? gates + t * S * B : bufp + (k % 2) * S * B;
     };
@@ -1886,7 +1887,13 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
             // GRU: b_hr, b_hz add with the input part; W_hn h + b_hn goes to its own row.
             const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
             scalar_t* row = blk + r * B;
-            if (ih_csr) {
+            if (ih_csr && B == 1) {  // one image: a dot product over the row's kept weights
+              scalar_t a = (bp != nullptr ? bp[r] : scalar_t(0)) + extra;
+              for (int32_t p = icrow[r]; p < icrow[r + 1]; ++p) {
+                a += ival[p] * xtp[static_cast<int64_t>(icol[p]) * TB + t];
+              }
+              row[0] = a;
+            } else if (ih_csr) {
               csr_row_block(xtp + t * B, TB, icol, ival, static_cast<int64_t>(icrow[r]),
                             static_cast<int64_t>(icrow[r + 1]),
                             (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, B, row);
@@ -1897,6 +1904,14 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
               }
             }
             const bool to_row = lstm || q < 2;
+            if (B == 1) {
+              scalar_t a = to_row ? row[0] : (b_hh != nullptr ? b_hh[r] : scalar_t(0));
+              for (int32_t p = hcrow[r]; p < hcrow[r + 1]; ++p) {
+                a += hval[p] * hp[static_cast<int64_t>(hcol[p]) * ldh];
+              }
+              (to_row ? row : blk + (3 * H + j) * B)[0] = a;
+              continue;
+            }
             csr_row_block(hp, ldh, hcol, hval, static_cast<int64_t>(hcrow[r]),
                           static_cast<int64_t>(hcrow[r + 1]),
                           !to_row && b_hh != nullptr ? b_hh[r] : scalar_t(0), to_row, B,
@@ -1904,11 +1919,31 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
           }
         }
         scalar_t* hcur = ht + t * B;
-        for (int64_t j = j0; j < j1; ++j) {
+        if (B == 1) {
+          // One image: a step's block is [S] with the units contiguous, so the cells run
+          // vectorised over the thread's units (h and h_prev through a contiguous copy).
+          scalar_t* hb1 = h1.data() + j0;
+          scalar_t* hp1 = h1.data() + H + j0;
+          if (!lstm) {
+            for (int64_t j = j0; j < j1; ++j) {
+              hp1[j - j0] = hp[j * ldh];
+            }
+          }
           if (lstm) {
-            lstm_unit(blk + j * B, H * B, cpv + j * B, hcur + j * TB, B);
+            lstm_unit(blk + j0, H, cpv + j0, hb1, j1 - j0);
           } else {
-            gru_unit(blk + j * B, H * B, hp + j * ldh, hcur + j * TB, B);
+            gru_unit(blk + j0, H, static_cast<const scalar_t*>(hp1), hb1, j1 - j0);
+          }
+          for (int64_t j = j0; j < j1; ++j) {
+            hcur[j * TB] = hb1[j - j0];
+          }
+        } else {
+          for (int64_t j = j0; j < j1; ++j) {
+            if (lstm) {
+              lstm_unit(blk + j * B, H * B, cpv + j * B, hcur + j * TB, B);
+            } else {
+              gru_unit(blk + j * B, H * B, hp + j * ldh, hcur + j * TB, B);
+            }
           }
         }
 #pragma omp barrier
