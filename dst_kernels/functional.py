@@ -30,6 +30,7 @@ __all__ = [
     "dst_linear",
     "dst_conv2d",
     "rnn_layer",
+    "rnn_layers",
 ]
 
 BACKENDS = ("reference", "native", "triton")
@@ -265,3 +266,54 @@ def rnn_layer(
         x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, mode, reverse
     )
     return y, h_n, c_n
+
+
+def rnn_layers(input, hx, layer, *, mode, num_layers, bidirectional, batch_first, hidden_size, dropout=0.0):
+    """``nn.LSTM`` / ``nn.GRU``'s walk over layers and directions around ``layer``.
+
+    ``layer(suffix, x, h0, c0, reverse) -> (y, h_n, c_n)`` runs one layer and direction
+    (``suffix`` names its weights, e.g. ``"_l1_reverse"``; x is ``[steps, batch, features]``).
+    ``input`` is batched (3-D, ``batch_first`` as given) or unbatched (2-D); ``hx`` is None,
+    ``h0`` (GRU) or ``(h0, c0)`` (LSTM), shaped as PyTorch's. ``dropout`` (training only) is
+    applied between layers. Returns what ``nn.LSTM`` / ``nn.GRU`` return.
+    """
+    lstm = mode == "lstm"
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if batch_first and batched:
+        x = x.transpose(0, 1)
+    directions = 2 if bidirectional else 1
+    expected = (num_layers * directions, x.shape[1], hidden_size)
+    if hx is None:
+        zeros = x.new_zeros(expected)
+        h0, c0 = zeros, zeros
+    else:
+        h0, c0 = hx if lstm else (hx, None)
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
+        for name, h in (("h0" if lstm else "hx", h0), ("c0", c0)):
+            if h is not None and tuple(h.shape) != expected:
+                raise RuntimeError(f"Expected hidden size {expected} for {name}, got {tuple(h.shape)}")
+    layer_in = x.contiguous()
+    hs, cs = [], []
+    for k in range(num_layers):
+        outs = []
+        for d in range(directions):
+            i = k * directions + d
+            y, h_n, c_n = layer(
+                f"_l{k}" + ("_reverse" if d else ""), layer_in, h0[i], c0[i] if lstm else None, bool(d)
+            )
+            outs.append(y)
+            hs.append(h_n)
+            cs.append(c_n)
+        layer_in = outs[0] if directions == 1 else torch.cat(outs, 2)
+        if dropout and k < num_layers - 1:
+            layer_in = torch.nn.functional.dropout(layer_in, dropout, True)
+    out = layer_in.transpose(0, 1) if batch_first and batched else layer_in
+    h_n = torch.stack(hs)
+    if not batched:
+        out, h_n = out.squeeze(1), h_n.squeeze(1)
+    if not lstm:
+        return out, h_n
+    c_n = torch.stack(cs)
+    return out, (h_n, c_n if batched else c_n.squeeze(1))

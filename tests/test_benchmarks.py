@@ -217,3 +217,19 @@ def test_report_gives_the_spread_over_runs(tmp_path):
     assert ratios(results)[key] == 0.6
     write_report(results, tmp_path / "report.md")
     assert "0.60 [0.50-0.80]" in (tmp_path / "report.md").read_text()
+
+
+def test_sparse_runs_measures_the_lstm_and_lenet300_cases(tmp_path):
+    import json
+
+    from benchmarks import sparse_runs
+
+    out = tmp_path / "runs.json"
+    sparse_runs.main(["--size", "smoke", "--runs", "1", "--rounds", "1", "--threads", "1", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    shapes = {(tuple(r["shape"]), r["mode"]) for r in records}
+    assert ((2, 3, 4, 5, 2), "step") in shapes and ((2, 3, 4, 5, 2), "forward") in shapes
+    assert ((2, 784, 300, 100), "forward") in shapes
+    for r in records:
+        assert r["ms"]["native"] > 0 and r["ms"]["dense"] > 0
+        assert r["native/dense"] == r["ms"]["native"] / r["ms"]["dense"]

@@ -17,6 +17,7 @@ from torch import nn
 
 from dst_kernels import _ops
 from dst_kernels.export.fold import fold
+from dst_kernels.functional import rnn_layers
 from dst_kernels.nn.base import is_dst_layer
 
 __all__ = [
@@ -367,58 +368,39 @@ class _SparseRNN(nn.Module):
                 f"{type(self).__name__} takes a tensor input (packed sequences: fold the model instead)"
             )
         require_native(type(self).__name__)
-        lstm = self._mode == "lstm"
         if input.dim() not in (2, 3):
             raise ValueError(
                 f"{type(self).__name__}: input must be 2-D or 3-D, got shape {tuple(input.shape)}"
             )
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1)
-        if self.batch_first and batched:
-            x = x.transpose(0, 1)
-        directions = 2 if self.bidirectional else 1
-        if hx is None:
-            zeros = x.new_zeros(self.num_layers * directions, x.shape[1], self.hidden_size)
-            h0, c0 = zeros, zeros
-        else:
-            h0, c0 = hx if lstm else (hx, None)
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
         b = self._buffers
-        layer_in = x.contiguous()
-        hs, cs = [], []
-        for layer in range(self.num_layers):
-            outs = []
-            for d in range(directions):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                k = layer * directions + d
-                y, h_n, c_n = torch.ops.dst_kernels.dst_sparse_rnn(
-                    layer_in,
-                    h0[k],
-                    c0[k] if lstm else None,
-                    b["crow_ih" + sfx],
-                    b["col_ih" + sfx],
-                    b["values_ih" + sfx],
-                    b["crow_hh" + sfx],
-                    b["col_hh" + sfx],
-                    b["values_hh" + sfx],
-                    b.get("bias_ih" + sfx),
-                    b.get("bias_hh" + sfx),
-                    self._mode,
-                    bool(d),
-                )
-                outs.append(y)
-                hs.append(h_n)
-                cs.append(c_n)
-            layer_in = outs[0] if directions == 1 else torch.cat(outs, 2)
-        out = layer_in.transpose(0, 1) if self.batch_first and batched else layer_in
-        h_n = torch.stack(hs)
-        if not batched:
-            out, h_n = out.squeeze(1), h_n.squeeze(1)
-        if not lstm:
-            return out, h_n
-        c_n = torch.stack(cs)
-        return out, (h_n, c_n if batched else c_n.squeeze(1))
+
+        def layer(suffix, x, h0, c0, reverse):
+            return torch.ops.dst_kernels.dst_sparse_rnn(
+                x,
+                h0,
+                c0,
+                b["crow_ih" + suffix],
+                b["col_ih" + suffix],
+                b["values_ih" + suffix],
+                b["crow_hh" + suffix],
+                b["col_hh" + suffix],
+                b["values_hh" + suffix],
+                b.get("bias_ih" + suffix),
+                b.get("bias_hh" + suffix),
+                self._mode,
+                reverse,
+            )
+
+        return rnn_layers(
+            input,
+            hx,
+            layer,
+            mode=self._mode,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+            hidden_size=self.hidden_size,
+        )
 
     def extra_repr(self) -> str:
         return (

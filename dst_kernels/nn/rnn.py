@@ -4,7 +4,6 @@ CPU and by PyTorch's fused RNNs elsewhere."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -112,62 +111,32 @@ class _DSTRNN(DSTLayer):
 
     def _sparse_forward(self, input, hx, masked):
         lstm = isinstance(self, nn.LSTM)
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1)
-        if self.batch_first and batched:
-            x = x.transpose(0, 1)
-        directions = 2 if self.bidirectional else 1
-        hidden = self.hidden_size
-        if hx is None:
-            zeros = x.new_zeros(self.num_layers * directions, x.shape[1], hidden)
-            h0, c0 = zeros, zeros
-        else:
-            h0, c0 = hx if lstm else (hx, None)
-            if not batched:
-                h0 = h0.unsqueeze(1)
-                c0 = c0.unsqueeze(1) if c0 is not None else None
-            self._check_state(h0, x, directions, "h0" if lstm else "hx")
-            if lstm:
-                self._check_state(c0, x, directions, "c0")
-        layer_in = x.contiguous()
-        hs, cs = [], []
-        for layer in range(self.num_layers):
-            outs = []
-            for d in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if d else "")
-                k = layer * directions + d
-                y, h_n, c_n = DF.rnn_layer(
-                    layer_in,
-                    h0[k],
-                    c0[k] if lstm else None,
-                    masked["weight_ih" + suffix],
-                    masked["weight_hh" + suffix],
-                    self._parameters.get("bias_ih" + suffix),
-                    self._parameters.get("bias_hh" + suffix),
-                    mode="lstm" if lstm else "gru",
-                    reverse=bool(d),
-                )
-                outs.append(y)
-                hs.append(h_n)
-                cs.append(c_n)
-            layer_in = outs[0] if directions == 1 else torch.cat(outs, 2)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_in = F.dropout(layer_in, self.dropout, True)
-        out = layer_in
-        if self.batch_first and batched:
-            out = out.transpose(0, 1)
-        h_n = torch.stack(hs)
-        if not batched:
-            out, h_n = out.squeeze(1), h_n.squeeze(1)
-        if not lstm:
-            return out, h_n
-        c_n = torch.stack(cs)
-        return out, (h_n, c_n if batched else c_n.squeeze(1))
+        mode = "lstm" if lstm else "gru"
 
-    def _check_state(self, h, x, directions, name) -> None:
-        expected = (self.num_layers * directions, x.shape[1], self.hidden_size)
-        if tuple(h.shape) != expected:
-            raise RuntimeError(f"Expected hidden size {expected} for {name}, got {tuple(h.shape)}")
+        def layer(suffix, x, h0, c0, reverse):
+            return DF.rnn_layer(
+                x,
+                h0,
+                c0,
+                masked["weight_ih" + suffix],
+                masked["weight_hh" + suffix],
+                self._parameters.get("bias_ih" + suffix),
+                self._parameters.get("bias_hh" + suffix),
+                mode=mode,
+                reverse=reverse,
+            )
+
+        return DF.rnn_layers(
+            input,
+            hx,
+            layer,
+            mode=mode,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+            hidden_size=self.hidden_size,
+            dropout=self.dropout if self.training else 0.0,
+        )
 
     def flatten_parameters(self) -> None:
         # The RNN runs on masked copies of the weights; there is nothing to flatten.

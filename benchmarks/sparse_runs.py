@@ -1,0 +1,75 @@
+"""Repeated runs of some of the sparse family's cases: each case's implementations interleaved
+(rotating order), medians per run, the whole list measured ``--runs`` times. It builds the same
+callables as ``bench_sparse.py`` (``benchmarks.sparse_steps``).
+
+    python -m benchmarks.sparse_runs --select lstm --runs 3 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.cases import cases_for
+from benchmarks.sparse_steps import build_sparse_step, is_lstm, sparse_impls
+
+SELECT = {
+    "lstm": lambda c: is_lstm(c),
+    "lenet300": lambda c: c.mode == "forward" and tuple(c.shape[1:]) == (784, 300, 100),
+}
+
+
+def measure(case, rounds: int) -> dict[str, float]:
+    impls = sparse_impls(case)
+    steps = {i: build_sparse_step(i, case) for i in impls}
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    samples: dict[str, list[float]] = {i: [] for i in impls}
+    for r in range(rounds):
+        for i in impls[r % len(impls) :] + impls[: r % len(impls)]:
+            t0 = time.perf_counter()
+            steps[i]()
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+    return {i: statistics.median(v) for i, v in samples.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--select", default="lstm,lenet300", help=f"comma-separated, of {sorted(SELECT)}")
+    p.add_argument("--size", default="cpu")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    chosen = [SELECT[s] for s in args.select.split(",")]
+    cases = [c for c in cases_for(args.size, "cpu", ["sparse"]) if any(f(c) for f in chosen)]
+    records = []
+    for run in range(args.runs):
+        for case in cases:
+            ms = measure(case, args.rounds)
+            rec = {
+                "run": run,
+                "shape": list(case.shape),
+                "mode": case.mode,
+                "density": case.density,
+                "ms": ms,
+            }
+            rec["native/dense"] = ms["native"] / ms["dense"]
+            if "native-dense" in ms:
+                rec["native/native-dense"] = ms["native"] / ms["native-dense"]
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"threads": args.threads, "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
