@@ -1745,26 +1745,76 @@ inline __attribute__((always_inline)) void gru_unit_impl(scalar_t* __restrict__ 
 }
 DST_CPU_MULTIVERSION(gru_unit, gru_unit_impl)
 
-// The LSTM's gate gradients of one unit for B images (d: rows 0, ldd, 2 ldd, 3 ldd), dc
-// carried to the step before in place.
+// The LSTM's gate gradients of one unit for image b (d: rows 0, ldd, 2 ldd, 3 ldd), dc carried
+// to the step before in place.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void lstm_grad_one(const scalar_t* __restrict__ o, int64_t hb,
+                                                         const scalar_t* __restrict__ cp,
+                                                         scalar_t dhj, scalar_t* __restrict__ dc,
+                                                         scalar_t* __restrict__ d, int64_t ldd,
+                                                         int64_t b) {
+  const scalar_t i = o[b], f = o[hb + b], g = o[2 * hb + b], og = o[3 * hb + b];
+  const scalar_t tc = o[5 * hb + b];
+  const scalar_t dcj = dc[b] + dhj * og * (scalar_t(1) - tc * tc);
+  d[b] = dcj * g * i * (scalar_t(1) - i);
+  d[ldd + b] = dcj * cp[b] * f * (scalar_t(1) - f);
+  d[2 * ldd + b] = dcj * i * (scalar_t(1) - g * g);
+  d[3 * ldd + b] = dhj * tc * og * (scalar_t(1) - og);
+  dc[b] = dcj * f;
+}
+
+// The same for B images: two loops, with and without dy, so that each vectorises (no
+// conditional load).
 template <typename scalar_t>
 inline __attribute__((always_inline)) void lstm_unit_grad_impl(
     const scalar_t* __restrict__ o, int64_t hb, const scalar_t* __restrict__ cp,
     const scalar_t* __restrict__ dh, const scalar_t* __restrict__ gy, scalar_t* __restrict__ dc,
     scalar_t* __restrict__ d, int64_t ldd, int64_t B) {
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t dhj = dh[b] + (gy != nullptr ? gy[b] : scalar_t(0));
-    const scalar_t i = o[b], f = o[hb + b], g = o[2 * hb + b], og = o[3 * hb + b];
-    const scalar_t tc = o[5 * hb + b];
-    const scalar_t dcj = dc[b] + dhj * og * (scalar_t(1) - tc * tc);
-    d[b] = dcj * g * i * (scalar_t(1) - i);
-    d[ldd + b] = dcj * cp[b] * f * (scalar_t(1) - f);
-    d[2 * ldd + b] = dcj * i * (scalar_t(1) - g * g);
-    d[3 * ldd + b] = dhj * tc * og * (scalar_t(1) - og);
-    dc[b] = dcj * f;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t b = 0; b < B; b += 16) {
+      const int64_t m = std::min<int64_t>(16, B - b);
+      const vf16 dhj = load16(dh + b, m) + (gy != nullptr ? load16(gy + b, m) : vf16{});
+      const vf16 i = load16(o + b, m), f = load16(o + hb + b, m), g = load16(o + 2 * hb + b, m);
+      const vf16 og = load16(o + 3 * hb + b, m), tc = load16(o + 5 * hb + b, m);
+      const vf16 dcj = load16(dc + b, m) + dhj * og * (1.0f - tc * tc);
+      store16(d + b, dcj * g * i * (1.0f - i), m);
+      store16(d + ldd + b, dcj * load16(cp + b, m) * f * (1.0f - f), m);
+      store16(d + 2 * ldd + b, dcj * i * (1.0f - g * g), m);
+      store16(d + 3 * ldd + b, dhj * tc * og * (1.0f - og), m);
+      store16(dc + b, dcj * f, m);
+    }
+    return;
+  }
+  if (gy != nullptr) {
+    for (int64_t b = 0; b < B; ++b) {
+      lstm_grad_one(o, hb, cp, dh[b] + gy[b], dc, d, ldd, b);
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) {
+      lstm_grad_one(o, hb, cp, dh[b], dc, d, ldd, b);
+    }
   }
 }
 DST_CPU_MULTIVERSION(lstm_unit_grad, lstm_unit_grad_impl)
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void gru_grad_one(const scalar_t* __restrict__ o, int64_t hb,
+                                                        const scalar_t* __restrict__ hp,
+                                                        scalar_t dhj, scalar_t* __restrict__ di,
+                                                        scalar_t* __restrict__ dr, int64_t ldd,
+                                                        scalar_t* __restrict__ dd, int64_t b) {
+  const scalar_t r = o[b], z = o[hb + b], n = o[2 * hb + b], hn = o[3 * hb + b];
+  const scalar_t dnp = dhj * (scalar_t(1) - z) * (scalar_t(1) - n * n);
+  const scalar_t drp = dnp * hn * r * (scalar_t(1) - r);
+  const scalar_t dzp = dhj * (hp[b] - n) * z * (scalar_t(1) - z);
+  di[b] = drp;
+  di[ldd + b] = dzp;
+  di[2 * ldd + b] = dnp;
+  dr[b] = drp;
+  dr[ldd + b] = dzp;
+  dr[2 * ldd + b] = dnp * r;
+  dd[b] = dhj * z;
+}
 
 // The GRU's: the input-side gate gradients di, the recurrent-side dr (r z n rows at ldd), and
 // dh's direct part z dh into dd.
@@ -1773,19 +1823,33 @@ inline __attribute__((always_inline)) void gru_unit_grad_impl(
     const scalar_t* __restrict__ o, int64_t hb, const scalar_t* __restrict__ hp,
     const scalar_t* __restrict__ dh, const scalar_t* __restrict__ gy, scalar_t* __restrict__ di,
     scalar_t* __restrict__ dr, int64_t ldd, scalar_t* __restrict__ dd, int64_t B) {
-  for (int64_t b = 0; b < B; ++b) {
-    const scalar_t dhj = dh[b] + (gy != nullptr ? gy[b] : scalar_t(0));
-    const scalar_t r = o[b], z = o[hb + b], n = o[2 * hb + b], hn = o[3 * hb + b];
-    const scalar_t dnp = dhj * (scalar_t(1) - z) * (scalar_t(1) - n * n);
-    const scalar_t drp = dnp * hn * r * (scalar_t(1) - r);
-    const scalar_t dzp = dhj * (hp[b] - n) * z * (scalar_t(1) - z);
-    di[b] = drp;
-    di[ldd + b] = dzp;
-    di[2 * ldd + b] = dnp;
-    dr[b] = drp;
-    dr[ldd + b] = dzp;
-    dr[2 * ldd + b] = dnp * r;
-    dd[b] = dhj * z;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t b = 0; b < B; b += 16) {
+      const int64_t m = std::min<int64_t>(16, B - b);
+      const vf16 dhj = load16(dh + b, m) + (gy != nullptr ? load16(gy + b, m) : vf16{});
+      const vf16 r = load16(o + b, m), z = load16(o + hb + b, m), n = load16(o + 2 * hb + b, m);
+      const vf16 hn = load16(o + 3 * hb + b, m);
+      const vf16 dnp = dhj * (1.0f - z) * (1.0f - n * n);
+      const vf16 drp = dnp * hn * r * (1.0f - r);
+      const vf16 dzp = dhj * (load16(hp + b, m) - n) * z * (1.0f - z);
+      store16(di + b, drp, m);
+      store16(di + ldd + b, dzp, m);
+      store16(di + 2 * ldd + b, dnp, m);
+      store16(dr + b, drp, m);
+      store16(dr + ldd + b, dzp, m);
+      store16(dr + 2 * ldd + b, dnp * r, m);
+      store16(dd + b, dhj * z, m);
+    }
+    return;
+  }
+  if (gy != nullptr) {
+    for (int64_t b = 0; b < B; ++b) {
+      gru_grad_one(o, hb, hp, dh[b] + gy[b], di, dr, ldd, dd, b);
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) {
+      gru_grad_one(o, hb, hp, dh[b], di, dr, ldd, dd, b);
+    }
   }
 }
 DST_CPU_MULTIVERSION(gru_unit_grad, gru_unit_grad_impl)
