@@ -385,3 +385,27 @@ def test_sparse_lstm_refuses_packed_input():
     sparse = dst.export.to_sparse(layer)
     with pytest.raises(TypeError, match="takes a tensor input"):
         sparse(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]))
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_dense_products_of_the_op_equal_its_sparse_ones(cell, reverse):
+    """The op's GEMM path (a matrix above the crossover; forced here with "never") against its
+    CSR path, forward and backward, in float64."""
+    torch.manual_seed(0)
+    g = 4 if cell == "lstm" else 3
+    x, h0, c0 = torch.randn(6, 5, 4).double(), torch.randn(5, 7).double(), torch.randn(5, 7).double()
+    w_ih = torch.randn(g * 7, 4).double() * (torch.rand(g * 7, 4) < 0.4)
+    w_hh = torch.randn(g * 7, 7).double() * (torch.rand(g * 7, 7) < 0.4)
+    b_ih, b_hh = torch.randn(g * 7).double(), torch.randn(g * 7).double()
+    gy, gh = torch.randn(6, 5, 7).double(), torch.randn(5, 7).double()
+    c = c0 if cell == "lstm" else None
+    gc = torch.randn(5, 7).double() if cell == "lstm" else None
+    results = {}
+    for mode in ("always", "never"):
+        with sparse_mode(mode):
+            y, h_n, c_n, saved = ops.dst_sparse_rnn_train(x, h0, c, w_ih, w_hh, b_ih, b_hh, cell, reverse)
+            back = ops.dst_sparse_rnn_backward(gy, gh, gc, x, h0, c, w_ih, w_hh, y, saved, cell, reverse, True)
+        results[mode] = (y, h_n, c_n, *back)
+    for a, b in zip(results["never"], results["always"]):
+        assert_close_rel(a, b, 1e-12)
