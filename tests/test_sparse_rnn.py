@@ -405,7 +405,9 @@ def test_the_dense_products_of_the_op_equal_its_sparse_ones(cell, reverse):
     for mode in ("always", "never"):
         with sparse_mode(mode):
             y, h_n, c_n, saved = ops.dst_sparse_rnn_train(x, h0, c, w_ih, w_hh, b_ih, b_hh, cell, reverse)
-            back = ops.dst_sparse_rnn_backward(gy, gh, gc, x, h0, c, w_ih, w_hh, y, saved, cell, reverse, True)
+            back = ops.dst_sparse_rnn_backward(
+                gy, gh, gc, x, h0, c, w_ih, w_hh, y, saved, cell, reverse, True
+            )
         results[mode] = (y, h_n, c_n, *back)
     for a, b in zip(results["never"], results["always"]):
         assert_close_rel(a, b, 1e-12)
