@@ -1,6 +1,7 @@
 // Autograd of dst_kernels::dst_mask, dst_linear and dst_conv2d, for every device, in C++:
 // one dispatcher call per layer and no Python in the training step. Each backward saves
-// only x, W and the effective thresholds: P is recomputed (and only when dX is needed),
+// x, W and the effective thresholds (the linear backward on the CPU also P): P is
+// recomputed where it is not saved (and only when dX is needed),
 // and dW is written over the weight gradient's own buffer by dst_weight_grad_.
 //
 // Each Function returns only its differentiable output (y, or P for dst_mask); P and the
@@ -90,7 +91,10 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                                std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, masked, t_eff] = ops::linear_op().call(x, weight, threshold, bias, min_density);
-    ctx->save_for_backward({x, weight, t_eff});
+    // On the CPU P is kept for dX (one weight-sized buffer per layer until the backward): the
+    // backward then counts its nonzeros instead of redoing the mask pass. Other devices
+    // recompute it.
+    ctx->save_for_backward({x, weight, t_eff, weight.is_cpu() ? masked : Tensor()});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->set_materialize_grads(false);
     *extras = {masked, t_eff};
@@ -104,15 +108,17 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       return out;
     }
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
+    const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2], &masked = saved[3];
     check_first_order("dst_linear", {&grad_y, &x, &weight});
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(1), need_t = ctx->needs_input_grad(2);
     const Tensor grad_2d = grad_y.reshape({-1, grad_y.size(-1)});
     if (need_x) {
-      // dY P (P recomputed; on the CPU the sparse kernel below the density crossover).
-      out[0] = ops::linear_grad_input_op().call(grad_y, weight, t_eff);
+      // dY P (P kept on the CPU, else recomputed; on the CPU the sparse kernel below the
+      // density crossover).
+      out[0] = ops::linear_grad_input_op().call(
+          grad_y, weight, t_eff, masked.defined() ? std::optional<Tensor>(masked) : std::nullopt);
     }
     if (need_w || need_t) {
       auto [grad_w, grad_t] =

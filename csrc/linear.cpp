@@ -23,11 +23,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dst_linear(const at::Tensor& x,
   return {y, masked, t_eff};
 }
 
-// dX = dY P with P recomputed by the mask op: the dense path of every device (the CPU
-// kernel in csrc/cpu/linear.cpp overrides it with the density switch).
+// dX = dY P with P recomputed by the mask op, or the forward's P when given: the dense path
+// of every device (the CPU kernel in csrc/cpu/linear.cpp overrides it with the density
+// switch).
 at::Tensor dst_linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight,
-                                 const at::Tensor& threshold) {
+                                 const at::Tensor& threshold,
+                                 const std::optional<at::Tensor>& masked) {
   check_grad_input_args("dst_linear_grad_input", grad_y, weight);
+  if (masked.has_value() && masked->defined()) {
+    check_masked_arg("dst_linear_grad_input", *masked, weight);
+    return grad_y.matmul(*masked);
+  }
   return grad_y.matmul(std::get<0>(ops::mask_op().call(weight, threshold, std::nullopt)));
 }
 

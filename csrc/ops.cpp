@@ -63,9 +63,12 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The conv layer's forward: dst_mask, then ATen's convolution (cuDNN / oneDNN). Returns
   // (y, P, t_eff); its backward recomputes P and runs convolution_backward, then
   // dst_weight_grad_ over the weight gradient's buffer.
-  // dX = dY P for the linear layer, P = W * (|W| > t[row]) recomputed from (W, t): ATen's
-  // GEMM on every device; on the CPU the sparse kernel below the density crossover.
-  m.def("dst_linear_grad_input(Tensor grad_y, Tensor weight, Tensor threshold) -> Tensor");
+  // dX = dY P for the linear layer, P = W * (|W| > t[row]) recomputed from (W, t), or the
+  // forward's P when `masked` is given (W's shape, dtype and device): ATen's GEMM on every
+  // device; on the CPU the sparse kernel below the density crossover.
+  m.def(
+      "dst_linear_grad_input(Tensor grad_y, Tensor weight, Tensor threshold, Tensor? masked=None) "
+      "-> Tensor");
   // The sparse family (csrc/cpu/sparse.cpp). dst_sparse_mask: P = W * (|W| > t[row]) in
   // CSR, (crow_indices int32 [rows + 1], col_indices int32 [nnz], values [nnz]), rows
   // being W's first dimension and columns the rest flattened; with transpose=True the

@@ -147,7 +147,7 @@ def _register_sparse() -> None:
     """Fake kernels of the sparse op family (csrc/cpu/sparse.cpp)."""
 
     @torch.library.register_fake("dst_kernels::dst_linear_grad_input")
-    def _dst_linear_grad_input_fake(grad_y, weight, threshold):
+    def _dst_linear_grad_input_fake(grad_y, weight, threshold, masked=None):
         torch._check(grad_y.shape[-1] == weight.shape[0], lambda: "dst_linear_grad_input: grad_y features")
         return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
 

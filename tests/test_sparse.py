@@ -278,6 +278,41 @@ def test_dst_linear_grad_input_matches_dense():
         ops.dst_linear_grad_input(torch.randn(3, 28, dtype=torch.float64), weight, threshold)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (29, 131), (7, 64)])
+def test_dst_linear_grad_input_from_the_forwards_p(shape, density):
+    """Given the forward's P (as the CPU backward passes it), dX is dY P: the same as from (W, t),
+    on every path. A NaN weight (NaN * 0 = NaN in P) is left out of the sparse path's CSR, as the
+    CSR from (W, t) leaves it out: the nonzero count and the CSR agree (no overrun)."""
+    weight, threshold = at_density(shape, density)
+    weight.view(-1)[:: max(1, weight.numel() // 3)] = 0.0  # exact zeros: kept or not, P is 0 there
+    grad_y = torch.randn(33, shape[0], dtype=torch.float64)
+    masked = ops.dst_mask(weight, threshold, None)[0]
+    for mode in ("always", "never", "auto"):
+        with sparse_mode(mode):
+            a = ops.dst_linear_grad_input(grad_y, weight, threshold, masked)
+            b = ops.dst_linear_grad_input(grad_y, weight, threshold)
+            assert_close_rel(a, grad_y @ masked, 1e-12)
+            assert_close_rel(a, b, 1e-12)
+    w = weight.clone()
+    w.view(-1)[0] = float("nan")
+    p = ops.dst_mask(w, threshold, None)[0]
+    with sparse_mode("always"):
+        got = ops.dst_linear_grad_input(grad_y, w, threshold, p)
+    want = grad_y @ torch.nan_to_num(p, nan=0.0)
+    assert_close_rel(got, want, 1e-12)
+
+
+def test_dst_linear_grad_input_refuses_a_wrong_masked():
+    weight, threshold = at_density((7, 13), 0.4)
+    grad_y = torch.randn(5, 7, dtype=torch.float64)
+    wrong_shape = torch.zeros(7, 12, dtype=torch.float64)
+    strided = torch.zeros(13, 7, dtype=torch.float64).t()
+    for bad in (wrong_shape, torch.zeros(7, 13), strided):
+        with pytest.raises(RuntimeError, match="masked must be"):
+            ops.dst_linear_grad_input(grad_y, weight, threshold, bad)
+
+
 def test_sparse_mode_and_crossover():
     assert sparse_mode() == "auto"
     with sparse_mode("never"):
@@ -304,6 +339,11 @@ def test_opcheck_sparse_ops():
     torch.library.opcheck(ops.dst_sparse_mm.default, (x, crow, col, values, None))
     torch.library.opcheck(
         ops.dst_linear_grad_input.default, (torch.randn(5, 7, dtype=torch.float64), weight, threshold)
+    )
+    masked = ops.dst_mask(weight, threshold, None)[0]
+    torch.library.opcheck(
+        ops.dst_linear_grad_input.default,
+        (torch.randn(5, 7, dtype=torch.float64), weight, threshold, masked),
     )
     # A data-dependent output size (nnz): the fake kernel returns an unbacked size.
     torch.library.opcheck(

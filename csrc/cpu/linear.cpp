@@ -46,25 +46,37 @@ std::tuple<Tensor, Tensor, Tensor> dst_linear_cpu(const Tensor& x, const Tensor&
   return {y, masked, t_eff};
 }
 
-// dX = dY P. The mask pass (P and the kept count of every row, as in the forward); below
-// the crossover dX comes from the CSR of P^T (the CSR of P transposed), else from ATen's
-// GEMM with P.
+// dX = dY P. The mask pass (P and the kept count of every row, as in the forward), or, given
+// the forward's P, a read-only pass counting its nonzeros per row; below the crossover dX
+// comes from the CSR of P^T (the CSR of P transposed), else from ATen's GEMM with P.
 Tensor dst_linear_grad_input_cpu(const Tensor& grad_y, const Tensor& weight,
-                                 const Tensor& threshold) {
+                                 const Tensor& threshold, const std::optional<Tensor>& given) {
   check_grad_input_args("dst_linear_grad_input", grad_y, weight);
   check_weight_threshold("dst_linear_grad_input", weight, threshold);
   const int64_t rows = weight.size(0);
   const int64_t cols = weight.size(1);
-  Tensor masked = at::empty_like(weight);
-  Tensor t = threshold.contiguous().clone();
+  const bool has_masked = given.has_value() && given->defined();
   std::vector<int64_t> counts(rows);
-  const int64_t kept = cpu::mask_into(weight, std::nullopt, masked, t, counts.data());
+  Tensor masked, t;
+  int64_t kept = 0;
+  if (has_masked) {
+    check_masked_arg("dst_linear_grad_input", *given, weight);
+    masked = *given;
+    // The CSR of P's nonzeros: |P| > 0.
+    t = at::zeros({rows}, weight.options());
+    kept = sparse::nonzero_counts(masked, counts.data());
+  } else {
+    masked = at::empty_like(weight);
+    t = threshold.contiguous().clone();
+    kept = cpu::mask_into(weight, std::nullopt, masked, t, counts.data());
+  }
   const int64_t tokens = grad_y.numel() / rows;
   if (grad_y.scalar_type() != weight.scalar_type() || grad_y.numel() == 0 ||
       !sparse::take(kept, tokens, cols, rows)) {
     return grad_y.matmul(masked);
   }
-  return sparse::product_from_counts(grad_y, weight, t, counts.data(), std::nullopt, true);
+  return sparse::product_from_counts(grad_y, has_masked ? masked : weight, t, counts.data(),
+                                     std::nullopt, true);
 }
 
 }  // namespace

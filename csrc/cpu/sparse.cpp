@@ -1500,6 +1500,25 @@ struct Product {
   }
 };
 
+// The entries with |p| > 0 of every row of P into counts; returns their total.
+template <typename scalar_t>
+int64_t nonzeros_of(const Tensor& p, int64_t* counts) {
+  const int64_t rows = p.size(0);
+  const int64_t cols = p.numel() / std::max<int64_t>(rows, 1);
+  const scalar_t* pp = p.const_data_ptr<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t r = b; r < e; ++r) {
+                       counts[r] = count_row(pp + r * cols, scalar_t(0), cols);
+                     }
+                   });
+  int64_t kept = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    kept += counts[r];
+  }
+  return kept;
+}
+
 // The product with P ([rows, cols], contiguous) or, with transpose, with P^T, over `tokens`
 // columns of input: the CSR of P's nonzeros below the crossover, else P dense.
 template <typename scalar_t>
@@ -1510,17 +1529,7 @@ Product<scalar_t> product_of(const Tensor& p, int64_t tokens, bool transpose) {
   prod.out = transpose ? cols : rows;
   prod.in = transpose ? rows : cols;
   std::vector<int64_t> counts(rows);
-  const scalar_t* pp = p.const_data_ptr<scalar_t>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
-                   [&](int64_t b, int64_t e) {
-                     for (int64_t r = b; r < e; ++r) {
-                       counts[r] = count_row(pp + r * cols, scalar_t(0), cols);
-                     }
-                   });
-  int64_t kept = 0;
-  for (int64_t n : counts) {
-    kept += n;
-  }
+  const int64_t kept = nonzeros_of<scalar_t>(p, counts.data());
   if (!take_sparse(kept, tokens, prod.in, prod.out)) {
     prod.dense = transpose ? p.t() : p;
     return prod;
@@ -2357,6 +2366,13 @@ std::tuple<Tensor, Tensor, Tensor> csr_from_counts(const Tensor& weight, const T
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_sparse_csr",
       [&] { c = dst::csr_from_counts<scalar_t>(weight, t.const_data_ptr<scalar_t>(), counts); });
   return {c.crow, c.col, c.val};
+}
+
+int64_t nonzero_counts(const Tensor& p, int64_t* counts) {
+  int64_t kept = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "dst_nonzeros",
+                                  [&] { kept = nonzeros_of<scalar_t>(p, counts); });
+  return kept;
 }
 
 Tensor product_from_counts(const Tensor& x, const Tensor& weight, const Tensor& t,

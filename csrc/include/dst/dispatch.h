@@ -54,8 +54,9 @@ inline const auto& conv2d_op() {
 }
 
 inline const auto& linear_grad_input_op() {
-  static const auto op = find_op<Tensor(const Tensor&, const Tensor&, const Tensor&)>(
-      "dst_kernels::dst_linear_grad_input");
+  static const auto op =
+      find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&)>(
+          "dst_kernels::dst_linear_grad_input");
   return op;
 }
 
@@ -82,6 +83,16 @@ inline void check_grad_input_args(const char* op, const at::Tensor& grad_y,
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have ",
               weight.size(0), " features in its last dimension, got ", grad_y.sizes());
+}
+
+// dst_linear_grad_input's `masked` (the forward's P): W's shape, dtype and device, contiguous.
+inline void check_masked_arg(const char* op, const at::Tensor& masked, const at::Tensor& weight) {
+  TORCH_CHECK(masked.sizes() == weight.sizes() && masked.scalar_type() == weight.scalar_type() &&
+                  masked.device() == weight.device(),
+              op, ": masked must be the weight's masked form P (", weight.sizes(), ", ",
+              weight.scalar_type(), ", ", weight.device(), "), got ", masked.sizes(), ", ",
+              masked.scalar_type(), ", ", masked.device());
+  TORCH_CHECK(masked.is_contiguous(), op, ": masked must be contiguous");
 }
 
 // dst_conv2d_grad_input's arguments: 4-D grad_y [N, out, OH, OW], x [N, in, H, W], weight.

@@ -53,6 +53,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_from_counts(const at::Tensor&
                                                                const at::Tensor& t,
                                                                const int64_t* counts);
 
+// The entries with |p| > 0 of every row of P (rows: the first dimension, contiguous; NaN not
+// counted, as the CSR built from P with zero thresholds leaves it out) into counts; returns
+// their total. Reads P only.
+int64_t nonzero_counts(const at::Tensor& p, int64_t* counts);
+
 // Checks a CSR triple (int32 indices, contiguous, row pointers from 0 to nnz and
 // non-decreasing, every column index in [0, k)); `op` names the caller in the messages.
 void check_csr(const char* op, const at::Tensor& crow, const at::Tensor& col,
