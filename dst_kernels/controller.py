@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dst_kernels.nn.base import is_dst_layer
-from dst_kernels.regulariser import add_penalty_grad_, layer_penalty
+from dst_kernels.regulariser import add_penalty_grad_, layer_penalties
 
 __all__ = ["DensityController"]
 
@@ -269,7 +269,7 @@ class DensityController:
         Without floors every factor is 1 and this is ``alpha * dst.sparsity_loss(model)``.
         """
         self._follow_device()
-        terms = [layer_penalty(m) for m in self._layers]  # FSDP2: this rank's shards
+        terms = layer_penalties(self._layers)  # FSDP2: this rank's shards
         if self._floors is None:
             return self._alpha * sum(terms[1:], terms[0])
         total = terms[0] * self._scales[0]

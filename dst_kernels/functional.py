@@ -68,19 +68,27 @@ def _backend_impl(name: str):
     return dst_triton
 
 
-_AVAILABLE: dict[str, tuple[str, ...]] = {}
+_USABLE: dict[tuple[str, str], bool] = {}
+
+
+def _usable(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` runs on ``device_type`` tensors, probed once per pair: the Triton
+    backend (an import of triton and its kernels, some 0.3 s) only when it is asked for."""
+    key = (backend, device_type)
+    found = _USABLE.get(key)
+    if found is None:
+        if backend == "reference":
+            found = True
+        elif backend == "native":
+            found = _native_ready() and device_type in ("cpu", "cuda")
+        else:
+            found = _triton_ready(torch.device(device_type))
+        _USABLE[key] = found
+    return found
 
 
 def _available(device_type: str) -> tuple[str, ...]:
-    names = _AVAILABLE.get(device_type)
-    if names is None:
-        found = ["reference"]
-        if _native_ready() and device_type in ("cpu", "cuda"):
-            found.append("native")
-        if _triton_ready(torch.device(device_type)):
-            found.append("triton")
-        names = _AVAILABLE[device_type] = tuple(found)
-    return names
+    return tuple(name for name in ("reference", "native", "triton") if _usable(name, device_type))
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -122,13 +130,12 @@ def _unavailable_reason(backend: str, device: torch.device) -> str:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``backend`` (possibly "auto") on ``device``; raises if unusable."""
     check_backend_name(backend)
-    names = _available(device.type)
     if backend == "auto":
-        return next(name for name in _AUTO_ORDER if name in names)
-    if backend not in names:
+        return next(name for name in _AUTO_ORDER if _usable(name, device.type))
+    if not _usable(backend, device.type):
         raise RuntimeError(
             f"backend {backend!r} is not available for {device.type} tensors: "
-            f"{_unavailable_reason(backend, device)}. Available here: {list(names)}."
+            f"{_unavailable_reason(backend, device)}. Available here: {list(_available(device.type))}."
         )
     return backend
 

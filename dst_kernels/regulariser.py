@@ -20,6 +20,7 @@ from dst_kernels._dtensor import check_sharded_reset, is_dtensor, local_share
 __all__ = [
     "EXP_LINEAR_BELOW",
     "add_penalty_grad_",
+    "layer_penalties",
     "layer_penalty",
     "threshold_penalty",
     "threshold_penalty_grad",
@@ -50,13 +51,52 @@ def threshold_penalty(threshold: torch.Tensor) -> torch.Tensor:
     return (torch.exp(-clamped) * (1.0 + (clamped - t))).sum()
 
 
+class _Penalties(torch.autograd.Function):
+    """:func:`threshold_penalty` of every tensor of a list in one autograd node: the same ATen
+    kernels run element for element (so the values and gradients are bit-identical), through
+    ``torch._foreach_*`` calls instead of some ten dispatched ops and autograd nodes per
+    threshold tensor. Returns one 0-dim sum per tensor."""
+
+    @staticmethod
+    def forward(ctx, *thresholds):
+        ts = list(thresholds)
+        clamped = torch._foreach_clamp_min(ts, -EXP_LINEAR_BELOW)
+        e = torch._foreach_exp(torch._foreach_neg(clamped))
+        # Only exp(-clamped) is saved: the reset rule may update the thresholds in place later
+        # in the same forward.
+        ctx.save_for_backward(*e)
+        # (clamped - t) is 0 for t >= -c and -c - t > 0 below: exp(c) * (1 + (-c - t)) there.
+        tail = torch._foreach_add(torch._foreach_sub(clamped, ts), 1.0)
+        return tuple(v.sum() for v in torch._foreach_mul(e, tail))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # d/dt = -exp(-max(t, -c)): what autograd gives through the unfused expression.
+        return tuple(torch._foreach_neg(torch._foreach_mul(list(ctx.saved_tensors), list(grads))))
+
+
+def _float_or_same(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def layer_penalties(layers) -> list[torch.Tensor]:
+    """``sum exp(-t)`` over each DST layer's thresholds (under FSDP2, this rank's shards), one
+    0-dim tensor per layer, from one fused autograd node for all of them."""
+    per_layer = []
+    for layer in layers:
+        thresholds = layer.thresholds()
+        if any(is_dtensor(t) for t in thresholds):  # FSDP2: each rank adds its own shards' terms
+            check_sharded_reset(layer)
+            thresholds = [local_share(t) for t in thresholds]
+        per_layer.append([_float_or_same(t) for t in thresholds])
+    flat = [t for ts in per_layer for t in ts]
+    sums = iter(_Penalties.apply(*flat) if flat else ())
+    return [sum(next(sums) for _ in ts) for ts in per_layer]
+
+
 def layer_penalty(layer) -> torch.Tensor:
     """``sum exp(-t)`` over one DST layer's thresholds (under FSDP2, this rank's shards)."""
-    thresholds = layer.thresholds()
-    if any(is_dtensor(t) for t in thresholds):  # FSDP2: each rank adds its own shards' terms
-        check_sharded_reset(layer)
-        thresholds = [local_share(t) for t in thresholds]
-    return sum(threshold_penalty(t) for t in thresholds)
+    return layer_penalties([layer])[0]
 
 
 def threshold_penalty_grad(threshold: torch.Tensor) -> torch.Tensor:
@@ -75,6 +115,7 @@ def add_penalty_grad_(layers, alpha, *, scales=None, factor=None) -> None:
     each layer's term (the controller's floors); ``factor`` (a 0-dim tensor, e.g. a GradScaler's
     scale) multiplies every term, for gradients that are still scaled. No host sync.
     """
+    thresholds, weights = [], []
     for i, layer in enumerate(layers):
         weight = alpha if scales is None else alpha * scales[i]
         if factor is not None:
@@ -85,8 +126,16 @@ def add_penalty_grad_(layers, alpha, *, scales=None, factor=None) -> None:
                     "add_penalty_grad_: sharded (FSDP2) thresholds are not supported; add "
                     "alpha * dst.sparsity_loss(model) to the loss instead"
                 )
-            g = (weight * threshold_penalty_grad(t)).to(t.dtype)
-            if t.grad is None:
-                t.grad = g
-            else:
-                t.grad.add_(g)
+            thresholds.append(t)
+            weights.append(weight)
+    if not thresholds:
+        return
+    # -exp(-max(t, -c)) for every threshold at once (threshold_penalty_grad, in foreach calls).
+    clamped = torch._foreach_clamp_min([_float_or_same(t) for t in thresholds], -EXP_LINEAR_BELOW)
+    grads = torch._foreach_neg(torch._foreach_exp(torch._foreach_neg(clamped)))
+    for t, w, g in zip(thresholds, weights, grads):
+        g = (w * g).to(t.dtype)
+        if t.grad is None:
+            t.grad = g
+        else:
+            t.grad.add_(g)

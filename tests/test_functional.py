@@ -227,7 +227,7 @@ def test_native_backend_missing_extension_message(monkeypatch):
 
     monkeypatch.setattr(_ops, "_loaded", False)
     monkeypatch.setattr(_ops, "LOAD_ERROR", "ImportError: simulated")
-    monkeypatch.setattr(DF, "_AVAILABLE", {})
+    monkeypatch.setattr(DF, "_USABLE", {})
     assert "native" not in dst.available_backends("cpu")
     with pytest.raises(RuntimeError, match=r"'native' is not available.*simulated.*pip install --no-build"):
         _linear(backend="native")
@@ -416,3 +416,23 @@ def test_masked_weight_mask_density():
     assert d.dim() == 0 and d.item() == pytest.approx(m.float().mean().item())
     p = DF.masked_weight(weight, threshold)
     assert torch.equal(p, weight * m)
+
+
+def test_auto_and_native_backends_do_not_import_triton():
+    """Resolving "auto" or "native" probes only those backends: the Triton backend (an import of
+    triton and its kernels) is probed only when asked for, in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, dst_kernels as dst\n"
+        "from dst_kernels import functional as DF\n"
+        "assert DF.resolve_backend('auto', torch.device('cpu')) in ('native', 'reference')\n"
+        "DF.resolve_backend('reference', torch.device('cpu'))\n"
+        "layer = dst.DSTLinear(5, 3)\n"
+        "layer(torch.randn(2, 5)).sum().backward()\n"
+        "print(sorted(k for k in DF._USABLE), 'dst_kernels.triton' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False"), out
+    assert "triton" not in out.split("]")[0], out

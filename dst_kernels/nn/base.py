@@ -17,7 +17,7 @@ from torch import nn
 
 from dst_kernels import functional as DF
 from dst_kernels._dtensor import full, is_dtensor
-from dst_kernels.regulariser import layer_penalty
+from dst_kernels.regulariser import layer_penalties, layer_penalty
 
 __all__ = [
     "DSTLayer",
@@ -337,7 +337,8 @@ def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def sparsity_loss(model: nn.Module) -> torch.Tensor:
     """``sum over DST layers of sum_i exp(-t_i)``; multiply by alpha and add to the loss."""
-    terms = [layer_penalty(m) for m in model.modules() if is_dst_layer(m)]
-    if not terms:
+    layers = [m for m in model.modules() if is_dst_layer(m)]
+    if not layers:
         raise ValueError("sparsity_loss: the model has no DST layers (use dst_kernels.sparsify)")
+    terms = layer_penalties(layers)
     return sum(terms[1:], terms[0])

@@ -24,6 +24,7 @@ buffers are broadcast from rank 0 before each training forward, as DDP does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 import dst_kernels as dst
 from dst_kernels.distributed import full
+from dst_kernels.regulariser import add_penalty_grad_
 from dst_kernels.train import dist as D
 
 __all__ = ["Interrupted", "RunConfig", "StopFlag", "Trainer", "evaluate", "train"]
@@ -232,7 +234,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = DistributedDataParallel(self.model, device_ids=ids)
         self.forward = torch.compile(forward, backend=cfg.compile) if cfg.compile else forward
-        self.sparse = any(dst.is_dst_layer(m) for m in model.modules())
+        self._dst_layers = [m for m in model.modules() if dst.is_dst_layer(m)]
+        self.sparse = bool(self._dst_layers)
         self.train_loader, self.test_loader = train_loader, test_loader
         self.opt = _optimizer(self.model, cfg)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=cfg.milestones, gamma=0.1)
@@ -356,20 +359,33 @@ class Trainer:
             # batch so that the average is the global batch's mean (exact for uneven shares too).
             n = self.train_loader.batch_sampler.global_batch_size(self.batch)
             loss = task * (len(y) * self.ctx.world / n)
+        # The regulariser: its exact gradient added to the thresholds' after the backward (one
+        # fused pass, bit-identical to autograd through alpha * sparsity_loss); under FSDP2 (whose
+        # thresholds are sharded) its term in the loss.
+        add_penalty = None
         if self.sparse:
             alpha = self.alpha()
-            penalty = getattr(self.alpha_fn, "penalty", None)  # a DensityController's, with its floors
-            if penalty is not None:
-                loss = loss + penalty()
+            controller = self.alpha_fn if hasattr(self.alpha_fn, "penalty") else None  # with its floors
+            if self.cfg.fsdp:
+                if controller is not None:
+                    loss = loss + controller.penalty()
+                elif isinstance(alpha, torch.Tensor) or alpha != 0:
+                    loss = loss + alpha * dst.sparsity_loss(self.model)
+            elif controller is not None:
+                add_penalty = controller.add_penalty_grad_
             elif isinstance(alpha, torch.Tensor) or alpha != 0:
-                loss = loss + alpha * dst.sparsity_loss(self.model)
+                add_penalty = functools.partial(add_penalty_grad_, self._dst_layers, alpha)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if add_penalty is not None:  # the gradients are still scaled (None: scaler disabled)
+                add_penalty(factor=self.scaler._scale)
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
             loss.backward()
+            if add_penalty is not None:
+                add_penalty()
             self.opt.step()
         self.loss_sum += task.detach().double() * len(y)  # float64: exact whatever the ranks' split
         self.seen += len(y)
