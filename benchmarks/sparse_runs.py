@@ -3,6 +3,7 @@
 callables as ``bench_sparse.py`` (``benchmarks.sparse_steps``).
 
     python -m benchmarks.sparse_runs --select lstm --runs 3 --out results.json
+    python -m benchmarks.sparse_runs --select linear --runs 3
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from benchmarks.sparse_steps import build_sparse_step, is_lstm, sparse_impls
 SELECT = {
     "lstm": lambda c: is_lstm(c),
     "lenet300": lambda c: c.mode == "forward" and tuple(c.shape[1:]) == (784, 300, 100),
+    "linear": lambda c: c.mode != "forward" and len(c.shape) == 3,  # DSTLinear steps
 }
 
 
@@ -62,6 +64,8 @@ def main(argv=None) -> None:
                 "ms": ms,
             }
             rec["native/dense"] = ms["native"] / ms["dense"]
+            if "sparseprop" in ms:
+                rec["native/sparseprop"] = ms["native"] / ms["sparseprop"]
             if "native-dense" in ms:
                 rec["native/native-dense"] = ms["native"] / ms["native-dense"]
             records.append(rec)

