@@ -90,7 +90,11 @@ def layer_penalties(layers) -> list[torch.Tensor]:
             thresholds = [local_share(t) for t in thresholds]
         per_layer.append([_float_or_same(t) for t in thresholds])
     flat = [t for ts in per_layer for t in ts]
-    sums = iter(_Penalties.apply(*flat) if flat else ())
+    if torch.compiler.is_compiling():
+        # Traced: the compiler fuses the per-tensor expressions itself (same values).
+        sums = iter([threshold_penalty(t) for t in flat])
+    else:
+        sums = iter(_Penalties.apply(*flat) if flat else ())
     return [sum(next(sums) for _ in ts) for ts in per_layer]
 
 
