@@ -2,6 +2,7 @@
 dense phase of the same command (steps per second from ``summary.json``), with the machine.
 
     python -m benchmarks.e2e_runs --runs 3 --out docs/sparse-e2e
+    python -m benchmarks.e2e_runs --select lenet5,vgg16 --runs 3 --out docs/sparse-conv
 
 Each command starts the DST run at the paper's density (``--init-density``) with a learning
 rate small enough that the thresholds stay there while the steps are timed.
@@ -30,6 +31,12 @@ COMMANDS = {
         "--model", "lstm_b", "--dataset", "mnist", "--epochs", "1", "--limit-batches", "200",
         "--init-density", "0.0098", "--lr", "1e-9",
     ],
+    # The convolutional rows (issue 24's commands): LeNet-5 at 1.64 %, VGG-16 at 3.76 % on
+    # generated CIFAR-10 batches (random pixels: the timing does not depend on them).
+    "lenet5": ["--model", "lenet5", "--dataset", "mnist", "--epochs", "1", "--limit-batches", "300",
+               "--init-density", "0.0164", "--lr", "1e-5"],
+    "vgg16": ["--model", "vgg16", "--dataset", "cifar10", "--epochs", "1", "--limit-batches", "20",
+              "--init-density", "0.0376", "--lr", "1e-5", "--data-dir", "{cifar}"],
 }  # fmt: skip
 
 
@@ -44,15 +51,38 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_once(name: str, extra: list[str], threads: int, folder: Path) -> dict:
+def write_cifar(folder: Path, per_batch: int = 300, n_test: int = 200) -> Path:
+    """CIFAR-10 python batches of random pixels (the layout ``--dataset cifar10`` reads)."""
+    import pickle
+
+    import numpy as np
+
+    from dst_kernels.train.data import CIFAR_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    for name in CIFAR_FILES:
+        n = n_test if name == "test_batch" else per_batch
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8),
+            b"labels": [int(v) for v in rng.randint(0, 10, n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return folder
+
+
+def run_once(name: str, extra: list[str], threads: int, folder: Path, cifar: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    argv = [sys.executable, "-m", "dst_kernels.train", *COMMANDS[name], *extra]
+    command = [a.format(cifar=cifar) for a in COMMANDS[name]]
+    argv = [sys.executable, "-m", "dst_kernels.train", *command, *extra]
     argv += ["--device", "cpu", "--out", str(folder), "--overwrite"]
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((folder / "summary.json").read_text())
     dense, dst = summary["dense_train"]["steps_per_second"], summary["dst_train"]["steps_per_second"]
     return {
-        "command": ["dst-train", *COMMANDS[name], *extra],
+        "command": ["dst-train", *COMMANDS[name], *extra],  # {cifar}: the generated batches
         "dense_steps_per_second": dense,
         "dst_steps_per_second": dst,
         "dst/dense": dst / dense,
@@ -63,7 +93,7 @@ def run_once(name: str, extra: list[str], threads: int, folder: Path) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--select", default=",".join(COMMANDS), help=f"comma-separated, of {sorted(COMMANDS)}")
+    p.add_argument("--select", default="lenet300,lstm_b", help=f"comma-separated, of {sorted(COMMANDS)}")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extra", default="", help="more dst-train arguments, space-separated")
@@ -71,10 +101,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
+        cifar = write_cifar(Path(tmp) / "cifar") if "vgg16" in args.select.split(",") else None
         for run in range(args.runs):
             for name in args.select.split(","):
                 rec = {"name": name, "run": run}
-                rec.update(run_once(name, args.extra.split(), args.threads, Path(tmp) / f"{name}-{run}"))
+                folder = Path(tmp) / f"{name}-{run}"
+                rec.update(run_once(name, args.extra.split(), args.threads, folder, cifar))
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
     for name in args.select.split(","):

@@ -253,3 +253,15 @@ def test_e2e_runs_times_both_phases_of_a_dst_train_command(tmp_path):
     assert rec["steps"] == 3 and rec["dense_steps_per_second"] > 0 and rec["dst_steps_per_second"] > 0
     assert rec["dst/dense"] == rec["dst_steps_per_second"] / rec["dense_steps_per_second"]
     assert result["machine"]["threads"] == 1 and "--init-density" in rec["command"]
+
+
+def test_e2e_runs_generates_cifar_batches_the_loader_reads(tmp_path):
+    from benchmarks import e2e_runs
+    from dst_kernels.train import data
+
+    folder = e2e_runs.write_cifar(tmp_path / "cifar", per_batch=5, n_test=3)
+    x, y = data.read_cifar_batch(str(folder / "data_batch_1"))
+    assert x.shape[0] == 5 and len(y) == 5
+    x, y = data.read_cifar_batch(str(folder / "test_batch"))
+    assert x.shape[0] == 3
+    assert "{cifar}" in e2e_runs.COMMANDS["vgg16"]
