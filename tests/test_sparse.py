@@ -279,7 +279,7 @@ def test_dst_linear_grad_input_matches_dense():
 
 
 @pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
-@pytest.mark.parametrize("shape", [(1, 1), (29, 131), (7, 64)])
+@pytest.mark.parametrize("shape", [(1, 1), (29, 131), (7, 64), (5, 600)])  # 600: 3 column blocks
 def test_dst_linear_grad_input_from_the_forwards_p(shape, density):
     """Given the forward's P (as the CPU backward passes it), dX is dY P: the same as from (W, t),
     on every path. A NaN weight (NaN * 0 = NaN in P) is left out of the sparse path's CSR, as the
