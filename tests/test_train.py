@@ -64,19 +64,9 @@ def write_mnist(root, n_train: int = 256, n_test: int = 100, gz: bool = False, l
 
 
 def write_cifar(root, per_batch: int = 8, n_test: int = 8, layout: str = "cifar-10-batches-py"):
-    folder = root / layout if layout else root
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(0)
-    for name in data.CIFAR_FILES:
-        n = n_test if name == "test_batch" else per_batch
-        batch = {
-            b"batch_label": name.encode(),
-            b"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8),
-            b"labels": [int(v) for v in rng.randint(0, 10, n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    return folder
+    from benchmarks.e2e_runs import write_cifar as write_batches
+
+    return write_batches(root / layout if layout else root, per_batch, n_test)
 
 
 def mnist5k_or_skip():

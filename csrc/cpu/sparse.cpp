@@ -1668,6 +1668,17 @@ inline __attribute__((always_inline)) vf16 tanh16(vf16 x) {
   return 2.0f / (1.0f + exp16(-2.0f * x)) - 1.0f;
 }
 
+// A cell's inputs for images b .. b + m - 1: its four gate rows of `o` (rows 0, hb, 2 hb, 3 hb)
+// into v[0..3] and its state row into v[4].
+inline __attribute__((always_inline)) void load_unit16(const float* o, int64_t hb,
+                                                       const float* state, int64_t b, int64_t m,
+                                                       vf16* v) {
+  for (int q = 0; q < 4; ++q) {
+    v[q] = load16(o + q * hb + b, m);
+  }
+  v[4] = load16(state + b, m);
+}
+
 template <typename scalar_t>
 inline scalar_t sigmoid1(scalar_t x) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-x));
@@ -1684,10 +1695,7 @@ inline __attribute__((always_inline)) void lstm_unit_impl(scalar_t* __restrict__
     for (; b < B; b += 16) {
       const int64_t m = std::min<int64_t>(16, B - b);
       vf16 v[5];
-      for (int q = 0; q < 4; ++q) {
-        v[q] = load16(o + q * hb + b, m);
-      }
-      v[4] = load16(cp + b, m);
+      load_unit16(o, hb, cp, b, m, v);
       const vf16 i = sigmoid16(v[0]), f = sigmoid16(v[1]), g = tanh16(v[2]), og = sigmoid16(v[3]);
       const vf16 c = f * v[4] + i * g;
       const vf16 tc = tanh16(c);
@@ -1728,10 +1736,7 @@ inline __attribute__((always_inline)) void gru_unit_impl(scalar_t* __restrict__ 
     for (; b < B; b += 16) {
       const int64_t m = std::min<int64_t>(16, B - b);
       vf16 v[5];
-      for (int q = 0; q < 4; ++q) {
-        v[q] = load16(o + q * hb + b, m);
-      }
-      v[4] = load16(hp + b, m);
+      load_unit16(o, hb, hp, b, m, v);
       const vf16 r = sigmoid16(v[0]), z = sigmoid16(v[1]);
       const vf16 n = tanh16(v[2] + r * v[3]);
       const vf16 hv = n + z * (v[4] - n);
