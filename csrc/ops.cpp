@@ -1,6 +1,9 @@
 // Every op schema of the dst_kernels library, defined once. Kernels live in
 // csrc/cpu (CPU) and csrc/cuda (CUDA) and register with TORCH_LIBRARY_IMPL.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -73,13 +76,13 @@ TORCH_LIBRARY(dst_kernels, m) {
   // CSR, (crow_indices int32 [rows + 1], col_indices int32 [nnz], values [nnz]), rows
   // being W's first dimension and columns the rest flattened; with transpose=True the
   // CSR of P^T. dst_sparse_mm: y = x A^T + bias for the CSR matrix A (its rows are y's
-  // features, its columns x's last dimension).
+  // features, its columns x's last dimension); relu=True returns relu(y) from the same pass.
   m.def(
       "dst_sparse_mask(Tensor weight, Tensor threshold, bool transpose=False) -> (Tensor, "
       "Tensor, Tensor)");
   m.def(
       "dst_sparse_mm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
-      "Tensor? bias=None) -> Tensor");
+      "Tensor? bias=None, bool relu=False) -> Tensor");
   // When the CPU dst_linear kernels use the sparse path: 0 auto (the measured density
   // crossover), 1 always, 2 never; -1 only queries. Returns the previous mode.
   m.def("sparse_mode(int mode=-1) -> int", &dst::sparse_mode);
@@ -130,15 +133,90 @@ TORCH_LIBRARY(dst_kernels, m) {
       &dst::sparse_conv_crossover);
 }
 
-// An importable module, so `import dst_kernels._C` loads the library and
-// registers the ops above; it exposes nothing else.
+namespace {
+
+// _C.sparse_mm(x, crow_indices, col_indices, values, bias, relu): dst_sparse_mm called
+// through the dispatcher (so fake tensors, dispatch modes, autograd's fallback and the
+// profiler see the op as from torch.ops), without the boxed call of torch.ops: its argument
+// boxing and schema matching cost about a microsecond per call, which is most of a
+// SparseLinear's time at a few tokens. The GIL is released only for products large enough
+// to pay for it. SparseLinear's eager forward uses it; traced code uses torch.ops.
+PyObject* sparse_mm_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) {
+    PyErr_Format(PyExc_TypeError,
+                 "sparse_mm takes 6 arguments (x, crow_indices, col_indices, values, bias, "
+                 "relu), got %zd",
+                 nargs);
+    return nullptr;
+  }
+  static const char* const names[] = {"x", "crow_indices", "col_indices", "values"};
+  for (int i = 0; i < 4; ++i) {
+    if (!THPVariable_Check(args[i])) {
+      PyErr_Format(PyExc_TypeError, "sparse_mm: %s must be a Tensor, got %s", names[i],
+                   Py_TYPE(args[i])->tp_name);
+      return nullptr;
+    }
+  }
+  std::optional<at::Tensor> bias;
+  if (args[4] != Py_None) {
+    if (!THPVariable_Check(args[4])) {
+      PyErr_Format(PyExc_TypeError, "sparse_mm: bias must be a Tensor or None, got %s",
+                   Py_TYPE(args[4])->tp_name);
+      return nullptr;
+    }
+    bias = THPVariable_Unpack(args[4]);
+  }
+  if (!PyBool_Check(args[5])) {
+    PyErr_Format(PyExc_TypeError, "sparse_mm: relu must be a bool, got %s",
+                 Py_TYPE(args[5])->tp_name);
+    return nullptr;
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dst_kernels::dst_sparse_mm", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& crow = THPVariable_Unpack(args[1]);
+  const at::Tensor& col = THPVariable_Unpack(args[2]);
+  const at::Tensor& values = THPVariable_Unpack(args[3]);
+  const bool relu = args[5] == Py_True;
+  // Multiply-adds above which the GIL is released (a release and re-acquire costs about a
+  // third of a microsecond).
+  constexpr double kReleaseWork = 1 << 20;
+  const double rows =
+      x.dim() > 0 && x.size(-1) > 0 ? static_cast<double>(x.numel()) / x.size(-1) : 0.0;
+  at::Tensor y;
+  if (rows * static_cast<double>(col.numel()) > kReleaseWork) {
+    pybind11::gil_scoped_release no_gil;
+    y = op.call(x, crow, col, values, bias, relu);
+  } else {
+    y = op.call(x, crow, col, values, bias, relu);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"sparse_mm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&sparse_mm_call)),
+     METH_FASTCALL,
+     "sparse_mm(x, crow_indices, col_indices, values, bias, relu): "
+     "torch.ops.dst_kernels.dst_sparse_mm for eager calls"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// An importable module, so `import dst_kernels._C` loads the library and registers the ops
+// above; it exposes sparse_mm, the eager entry of dst_sparse_mm.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",
       "dst_kernels compiled ops (see torch.ops.dst_kernels)",
       -1,
-      nullptr,
+      methods,
   };
   return PyModule_Create(&module_def);
 }

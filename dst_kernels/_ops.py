@@ -45,6 +45,16 @@ except (ImportError, OSError) as exc:  # missing, or built against another torch
         )
 
 
+def eager_entry(name: str):
+    """The compiled library's direct entry ``_C.<name>`` (a dispatcher call of the op of that
+    name without the boxed ``torch.ops`` call), or None when it lacks one."""
+    if not _loaded:
+        return None
+    from dst_kernels import _C
+
+    return getattr(_C, name, None)
+
+
 def loaded() -> bool:
     """Whether ``dst_kernels._C`` is loaded."""
     return _loaded
@@ -161,7 +171,7 @@ def _register_sparse() -> None:
         return index, weight.new_empty((nnz,), dtype=torch.int32), weight.new_empty((nnz,))
 
     @torch.library.register_fake("dst_kernels::dst_sparse_mm")
-    def _dst_sparse_mm_fake(x, crow_indices, col_indices, values, bias=None):
+    def _dst_sparse_mm_fake(x, crow_indices, col_indices, values, bias=None, relu=False):
         torch._check(values.dtype == x.dtype, lambda: "dst_sparse_mm: values must have x's dtype")
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 

@@ -154,6 +154,24 @@ def test_sparse_mm_bad_input():
         ops.dst_sparse_mm(x, crow, col, values[:-1])
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, m", SHAPES)
+def test_sparse_mm_relu_epilogue_is_relu_of_the_product(n, k, m, dtype, with_bias):
+    # The same kernel on both sides: the fused ReLU equals torch.relu of the plain product
+    # bit for bit, NaN and -0.0 included.
+    weight, threshold = at_density((m, k), 0.5)
+    crow, col, values = ops.dst_sparse_mask(weight.to(dtype), threshold.to(dtype))
+    x = torch.randn(n, k, dtype=torch.float64).to(dtype)
+    x[0, 0] = float("nan")
+    bias = torch.randn(m, dtype=torch.float64).to(dtype) if with_bias else None
+    plain = ops.dst_sparse_mm(x, crow, col, values, bias)
+    fused = ops.dst_sparse_mm(x, crow, col, values, bias, True)
+    assert bool((plain < 0).any()) or m * n < 4
+    assert torch.equal(fused.isnan(), plain.isnan())
+    assert torch.equal(fused.nan_to_num(), torch.relu(plain).nan_to_num())
+
+
 def test_sparse_mask_bad_input():
     weight, threshold = at_density((7, 13), 0.5)
     with pytest.raises(RuntimeError, match="threshold must have shape"):
@@ -337,6 +355,7 @@ def test_opcheck_sparse_ops():
     bias = torch.randn(7, dtype=torch.float64)
     torch.library.opcheck(ops.dst_sparse_mm.default, (x, crow, col, values, bias))
     torch.library.opcheck(ops.dst_sparse_mm.default, (x, crow, col, values, None))
+    torch.library.opcheck(ops.dst_sparse_mm.default, (x, crow, col, values, bias, True))
     torch.library.opcheck(
         ops.dst_linear_grad_input.default, (torch.randn(5, 7, dtype=torch.float64), weight, threshold)
     )
@@ -411,6 +430,76 @@ def test_to_sparse_matches_fold(batch):
         assert_close_rel(sparse(x), model(x), tol_for(torch.float32), "logits vs DST model")
 
 
+def test_to_sparse_fuses_the_relus_of_a_sequential():
+    model = _lenet(0.03)
+    fused = dst.export.to_sparse(model)
+    plain = dst.export.to_sparse(model, fuse_relu=False)
+    assert [type(m) for m in fused] == [
+        nn.Flatten,
+        SparseLinear,
+        nn.Identity,
+        SparseLinear,
+        nn.Identity,
+        SparseLinear,
+    ]
+    assert [fused[i].relu for i in (1, 3, 5)] == [True, True, False]
+    assert [type(m) for m in plain][2] is nn.ReLU and not any(plain[i].relu for i in (1, 3, 5))
+    assert "relu=True" in repr(fused[1]) and "relu" not in repr(plain[1])
+    assert set(fused.state_dict()) == set(plain.state_dict())
+    for batch in (1, 64, 67):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.equal(fused(x), plain(x))  # the same products, the ReLU as they store
+    # The dense fallback (another dtype than the stored values) applies the ReLU too.
+    x = torch.randn(4, 784, dtype=torch.float64)
+    expected = torch.relu(x @ fused[1].dense_weight().double().t() + fused[1].bias.double())
+    assert_close_rel(fused[1](x), expected, 1e-12, "fallback")
+    with pytest.raises(TypeError, match="fuse_relu must be a bool"):
+        dst.export.to_sparse(model, fuse_relu=1)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        SparseLinear(3, 2, torch.zeros(3, dtype=torch.int32), torch.zeros(0), torch.zeros(0), relu=1)
+
+
+def test_to_sparse_leaves_shared_hooked_and_functional_relus():
+    torch.manual_seed(0)
+    shared = nn.Linear(11, 11)
+    hooked = nn.ReLU()
+    seen = []
+    hooked.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(11, 5)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(11, 11), hooked, Functional())
+    model = dst.sparsify(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if dst.is_dst_layer(m):
+                m.threshold.copy_(torch.quantile(m.weight.abs(), 0.7, dim=1))
+    model.eval()
+    sparse = dst.export.to_sparse(model, max_density=0.5)
+    assert sparse[0] is sparse[2] and not sparse[0].relu and type(sparse[1]) is nn.ReLU
+    assert type(sparse[3]) is SparseLinear and not sparse[3].relu and type(sparse[4]) is nn.ReLU
+    assert not sparse[5].fc.relu
+    x = torch.randn(6, 11)
+    with torch.no_grad():
+        assert_close_rel(sparse(x), model(x), tol_for(torch.float32), "out")
+    assert len(seen) == 2  # the hook ran for the DST model and for the sparse copy
+
+
+def test_sparse_linear_pickled_without_relu_runs_plain():
+    layer = dst.export.to_sparse(_lenet(0.03))[1]
+    del layer.__dict__["relu"]  # as a module pickled before the attribute existed
+    x = torch.randn(3, 784)
+    with torch.no_grad():
+        assert bool((layer(x) < 0).any())
+
+
 def test_to_sparse_keeps_dense_layers_dense():
     model = _lenet(0.03)
     with torch.no_grad():
@@ -451,7 +540,7 @@ def test_sparse_linear_compiles():
 
 
 def test_sparse_linear_dense_fallback_and_bad_input():
-    layer = dst.export.to_sparse(_lenet(0.1))[1]
+    layer = dst.export.to_sparse(_lenet(0.1), fuse_relu=False)[1]
     x = torch.randn(4, 784, dtype=torch.float64)
     # another dtype than the stored values: the dense fallback
     expected = x @ layer.dense_weight().double().t() + layer.bias.double()
@@ -485,3 +574,48 @@ def test_functional_dst_linear_native_uses_it():
         y = DF.dst_linear(x, weight, threshold, backend="native")
     p = weight * (weight.abs() > threshold[:, None])
     assert_close_rel(y, x @ p.t(), tol_for(torch.float32), "y")
+
+
+def test_eager_entry_is_the_op_through_the_dispatcher():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    eager = dst._ops.eager_entry("sparse_mm")
+    assert eager is not None
+    weight, threshold = at_density((29, 131), 0.1, torch.float32)
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    bias = torch.randn(29)
+    for n in (1, 5, 67):
+        x = torch.randn(n, 131)
+        for relu in (False, True):
+            assert torch.equal(
+                eager(x, crow, col, values, bias, relu), ops.dst_sparse_mm(x, crow, col, values, bias, relu)
+            )
+    assert torch.equal(eager(x, crow, col, values, None, False), ops.dst_sparse_mm(x, crow, col, values))
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        eager(x, crow, col, values, bias, True)
+    assert ops.dst_sparse_mm.default in seen.ops
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor
+        y = eager(fake(x), fake(crow), fake(col), fake(values), fake(bias), False)
+    assert y.shape == (67, 29)
+    with pytest.raises(TypeError, match="col_indices must be a Tensor"):
+        eager(x, crow, col.tolist(), values, None, False)
+    with pytest.raises(TypeError, match="bias must be a Tensor or None"):
+        eager(x, crow, col, values, 1.0, False)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        eager(x, crow, col, values, None, 1)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        eager(x, crow, col, values)
+    with pytest.raises(RuntimeError, match=r"col_indices must lie in \[0, 130\)"):
+        eager(x[:, :130], crow, col, values, None, False)

@@ -2,7 +2,7 @@
 // with it.
 //
 //   dst_sparse_mask(W, t, transpose)   CSR of P (or of P^T), int32 indices
-//   dst_sparse_mm(x, crow, col, val, b) y = x A^T + b for a CSR matrix A
+//   dst_sparse_mm(x, crow, col, val, b) y = x A^T + b for a CSR matrix A (relu: relu(y))
 //   sparse::product_from_counts        y = x P^T (or x P) from the CSR built off the mask
 //                                      pass's row counts: the sparse path of the CPU
 //                                      dst_linear kernels (csrc/cpu/linear.cpp)
@@ -334,6 +334,12 @@ void pack_tile(const scalar_t* x, int64_t ldx, int64_t k, int64_t nb, int nbw,
   }
 }
 
+// The product's optional ReLU epilogue, as torch.relu: negatives to zero, NaN kept.
+template <typename T>
+inline __attribute__((always_inline)) T relu_if(T v, bool relu) {
+  return relu && v < T(0) ? T(0) : v;
+}
+
 template <typename scalar_t>
 struct Csr {
   const int32_t* crow;
@@ -362,7 +368,7 @@ template <typename scalar_t, int NB>
 inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __restrict__ xt,
                                                      Csr<scalar_t> a, const scalar_t* bias,
                                                      scalar_t* y, int64_t ldy, int64_t nb,
-                                                     int64_t m0, int64_t m1) {
+                                                     int64_t m0, int64_t m1, bool relu) {
   using opmath_t = opmath<scalar_t>;
   using V = typename Vec<opmath_t>::type;
   constexpr int kLanes = sizeof(V) / sizeof(opmath_t);
@@ -419,10 +425,20 @@ inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __r
     for (int64_t m = mb; m < me; ++m) {
       b[m - mb] = bias != nullptr ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
     }
-    for (int64_t i = 0; i < nb; ++i) {
-      scalar_t* yr = y + i * ldy;
-      for (int64_t m = mb; m < me; ++m) {
-        yr[m] = static_cast<scalar_t>(out[m - mb][i] + b[m - mb]);
+    // Two copies of the store loop: a test inside it costs more than the ReLU.
+    if (relu) {
+      for (int64_t i = 0; i < nb; ++i) {
+        scalar_t* yr = y + i * ldy;
+        for (int64_t m = mb; m < me; ++m) {
+          yr[m] = static_cast<scalar_t>(relu_if(out[m - mb][i] + b[m - mb], true));
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < nb; ++i) {
+        scalar_t* yr = y + i * ldy;
+        for (int64_t m = mb; m < me; ++m) {
+          yr[m] = static_cast<scalar_t>(out[m - mb][i] + b[m - mb]);
+        }
       }
     }
   }
@@ -432,22 +448,23 @@ template <typename scalar_t>
 inline __attribute__((always_inline)) void tile_rows_any_impl(const opmath<scalar_t>* xt,
                                                               Csr<scalar_t> a, const scalar_t* bias,
                                                               scalar_t* y, int64_t ldy, int64_t nb,
-                                                              int nbw, int64_t m0, int64_t m1) {
+                                                              int nbw, int64_t m0, int64_t m1,
+                                                              bool relu) {
   switch (nbw) {
     case 1:
-      return tile_rows<scalar_t, 1>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 1>(xt, a, bias, y, ldy, nb, m0, m1, relu);
     case 2:
-      return tile_rows<scalar_t, 2>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 2>(xt, a, bias, y, ldy, nb, m0, m1, relu);
     case 4:
-      return tile_rows<scalar_t, 4>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 4>(xt, a, bias, y, ldy, nb, m0, m1, relu);
     case 8:
-      return tile_rows<scalar_t, 8>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 8>(xt, a, bias, y, ldy, nb, m0, m1, relu);
     case 16:
-      return tile_rows<scalar_t, 16>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 16>(xt, a, bias, y, ldy, nb, m0, m1, relu);
     case 32:
-      return tile_rows<scalar_t, 32>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 32>(xt, a, bias, y, ldy, nb, m0, m1, relu);
     default:
-      return tile_rows<scalar_t, 64>(xt, a, bias, y, ldy, nb, m0, m1);
+      return tile_rows<scalar_t, 64>(xt, a, bias, y, ldy, nb, m0, m1, relu);
   }
 }
 
@@ -458,7 +475,7 @@ DST_CPU_MULTIVERSION(tile_rows_any, tile_rows_any_impl)
 // at a time with gathered x values, then a fixed-order horizontal sum.
 __attribute__((target("avx512f"))) void spmv_rows_avx512(const float* x, Csr<float> a,
                                                          const float* bias, float* y, int64_t m0,
-                                                         int64_t m1) {
+                                                         int64_t m1, bool relu) {
   for (int64_t m = m0; m < m1; ++m) {
     __m512 acc = _mm512_setzero_ps();
     int64_t p = a.crow[m];
@@ -474,7 +491,7 @@ __attribute__((target("avx512f"))) void spmv_rows_avx512(const float* x, Csr<flo
       const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, x, 4);
       acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a.val + p), g));
     }
-    y[m] = _mm512_reduce_add_ps(acc) + (bias != nullptr ? bias[m] : 0.0f);
+    y[m] = relu_if(_mm512_reduce_add_ps(acc) + (bias != nullptr ? bias[m] : 0.0f), relu);
   }
 }
 #endif
@@ -484,7 +501,7 @@ __attribute__((target("avx512f"))) void spmv_rows_avx512(const float* x, Csr<flo
 // pairs, tile-major, so a thread packs each of its tiles once.
 template <typename scalar_t>
 void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t m_rows,
-          int64_t nnz, const scalar_t* bias, scalar_t* y) {
+          int64_t nnz, const scalar_t* bias, scalar_t* y, bool relu) {
   using opmath_t = opmath<scalar_t>;
   if (n_rows == 0 || m_rows == 0) {
     return;
@@ -517,7 +534,7 @@ void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t
 #ifdef DST_AVX512_COMPRESS
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (nbw == 1 && has_avx512()) {
-          spmv_rows_avx512(x + n0 * k, a, bias, y + n0 * m_rows, m0, m1);
+          spmv_rows_avx512(x + n0 * k, a, bias, y + n0 * m_rows, m0, m1, relu);
           it += m1 - m0;
           continue;
         }
@@ -525,7 +542,7 @@ void spmm(const scalar_t* x, int64_t n_rows, int64_t k, Csr<scalar_t> a, int64_t
 #endif
       pack_tile(x + n0 * k, k, k, nb, nbw, xt.get());
       tile_rows_any(static_cast<const opmath_t*>(xt.get()), a, bias, y + n0 * m_rows, m_rows, nb,
-                    nbw, m0, m1);
+                    nbw, m0, m1, relu);
       it += m1 - m0;
     }
   });
@@ -701,7 +718,7 @@ void check_csr(const char* op, const Tensor& crow, const Tensor& col, const Tens
 }
 
 Tensor dst_sparse_mm_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
-                         const Tensor& values, const std::optional<Tensor>& bias) {
+                         const Tensor& values, const std::optional<Tensor>& bias, bool relu) {
   const char* op = "dst_sparse_mm";
   TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ",
               x.scalar_type());
@@ -732,7 +749,7 @@ Tensor dst_sparse_mm_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
                    {crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
                     values.const_data_ptr<scalar_t>()},
                    m, col.numel(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                   y.mutable_data_ptr<scalar_t>());
+                   y.mutable_data_ptr<scalar_t>(), relu);
   });
   return y;
 }
@@ -2390,7 +2407,7 @@ Tensor product_from_counts(const Tensor& x, const Tensor& weight, const Tensor& 
         if (transpose) {
           c = transposed<scalar_t>(c, weight.size(0), weight.numel() / weight.size(0));
         }
-        y = dst_sparse_mm_cpu(x, c.crow, c.col, c.val, bias);
+        y = dst_sparse_mm_cpu(x, c.crow, c.col, c.val, bias, false);
       });
   return y;
 }

@@ -44,6 +44,9 @@ def _native() -> bool:
 
 # The product op, looked up once (SparseLinear.forward is on the per-call path).
 _SPARSE_MM = torch.ops.dst_kernels.dst_sparse_mm.default if _ops.has_op("dst_sparse_mm") else None
+# Its eager entry (the same op through the dispatcher, a microsecond less per call); traced
+# code (torch.compile, torch.export) calls the op.
+_SPARSE_MM_EAGER = _ops.eager_entry("sparse_mm") if _SPARSE_MM is not None else None
 _SPARSE_CONV2D = torch.ops.dst_kernels.dst_sparse_conv2d.default if _ops.has_op("dst_sparse_conv2d") else None
 
 
@@ -124,8 +127,13 @@ class SparseLinear(_CsrModule):
     Buffers: ``crow_indices`` (int32, ``[out_features + 1]``), ``col_indices`` (int32,
     ``[nnz]``), ``values`` (``[nnz]``) and ``bias`` (or None). On the CPU the product runs
     in ``dst_kernels._C`` (multithreaded, vectorised); elsewhere, or without the extension,
-    the weight is expanded to a dense one for ``F.linear``. No gradients: an inference module.
+    the weight is expanded to a dense one for ``F.linear``. With ``relu=True`` the module
+    computes ``relu(x P^T + b)``, the ReLU applied as the product stores its outputs (this is
+    how :func:`to_sparse` fuses an ``nn.ReLU`` that follows the layer in an ``nn.Sequential``).
+    No gradients: an inference module.
     """
+
+    relu = False  # the class default, for modules pickled before the attribute existed
 
     def __init__(
         self,
@@ -135,11 +143,16 @@ class SparseLinear(_CsrModule):
         col_indices: torch.Tensor,
         values: torch.Tensor,
         bias: torch.Tensor | None = None,
+        *,
+        relu: bool = False,
     ):
         super().__init__()
         _check_csr_args(out_features, crow_indices, col_indices, values, bias)
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
         self.in_features = in_features
         self.out_features = out_features
+        self.relu = relu
         self._register_csr(crow_indices, col_indices, values, bias)
 
     @classmethod
@@ -163,18 +176,27 @@ class SparseLinear(_CsrModule):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         buffers = self._buffers  # direct: Module.__getattr__ costs a microsecond per buffer
         values = buffers["values"]
+        relu = self.relu
         if _SPARSE_MM is not None and input.is_cpu and input.dtype == values.dtype:
-            return _SPARSE_MM(input, buffers["crow_indices"], buffers["col_indices"], values, buffers["bias"])
-        return F.linear(
+            if _SPARSE_MM_EAGER is not None and not torch.compiler.is_compiling():
+                return _SPARSE_MM_EAGER(
+                    input, buffers["crow_indices"], buffers["col_indices"], values, buffers["bias"], relu
+                )
+            return _SPARSE_MM(
+                input, buffers["crow_indices"], buffers["col_indices"], values, buffers["bias"], relu
+            )
+        y = F.linear(
             input,
             self.dense_weight().to(input.dtype),
             None if self.bias is None else self.bias.to(input.dtype),
         )
+        return torch.relu(y) if relu else y
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"nnz={self.nnz}, density={self.density():.4f}, bias={self.bias is not None}"
+            + (", relu=True" if self.relu else "")
         )
 
 
@@ -446,7 +468,9 @@ _SPARSE_OF = {
 
 
 @torch.no_grad()
-def to_sparse(model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY) -> nn.Module:
+def to_sparse(
+    model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY, fuse_relu: bool = True
+) -> nn.Module:
     """A copy of ``model`` for inference on the kept weights.
 
     Every DST layer that folds to a plain ``nn.Linear``, a groups-1 ``nn.Conv2d``, an
@@ -456,9 +480,17 @@ def to_sparse(model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY) -> 
     ``dst_kernels._C`` on the CPU); the other DST layers (denser ones, grouped convolutions,
     projected LSTMs) are folded to their plain classes as :func:`dst_kernels.export.fold` does.
     The copy computes ``model``'s eval-mode function; ``model`` is unchanged.
+
+    With ``fuse_relu`` (the default), an ``nn.ReLU`` that directly follows a new
+    :class:`SparseLinear` in an ``nn.Sequential`` is fused into it (``relu=True``) and its
+    slot holds an ``nn.Identity``, as ``torch.ao.quantization.fuse_modules`` does: the indices
+    of the ``Sequential`` stay, one module call and one pass over the activations go. Layers
+    used at more than one place and modules with hooks are left unfused.
     """
     if not 0.0 <= max_density <= 1.0:
         raise ValueError(f"max_density must be in [0, 1], got {max_density!r}")
+    if not isinstance(fuse_relu, bool):
+        raise TypeError(f"fuse_relu must be a bool, got {type(fuse_relu).__name__}")
     if is_dst_layer(model):
         make = _SPARSE_OF.get(type(fold(model)))
         sparse = make(model) if make is not None else None
@@ -468,7 +500,10 @@ def to_sparse(model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY) -> 
     originals = dict(model.named_modules(remove_duplicate=False))
     replaced: dict[int, nn.Module] = {}
     for parent_name, parent in list(folded.named_modules(remove_duplicate=False)):
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): that lists a module shared by two slots once.
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             full = f"{parent_name}.{name}" if parent_name else name
             original = originals.get(full)
             make = _SPARSE_OF.get(type(child))
@@ -480,7 +515,37 @@ def to_sparse(model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY) -> 
                     continue
                 replaced[id(child)] = sparse.train(child.training)
             setattr(parent, name, replaced[id(child)])
+    if fuse_relu:
+        _fuse_relus(folded, {id(m) for m in replaced.values()})
     return folded
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fuse_relus(model: nn.Module, new: set[int]) -> None:
+    """Fuse every ``nn.ReLU`` that follows one of the new SparseLinear modules in a Sequential."""
+    uses: dict[int, int] = {}
+    for m in model.modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    for seq in list(model.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            layer, act = seq._modules[first], seq._modules[second]
+            if (
+                type(layer) is SparseLinear
+                and id(layer) in new
+                and uses[id(layer)] == 1
+                and not layer.relu
+                and not _has_hooks(layer)
+                and type(act) is nn.ReLU
+                and not _has_hooks(act)
+            ):
+                layer.relu = True
+                seq._modules[second] = nn.Identity().train(act.training)
 
 
 def save_sparse(model: nn.Module, path) -> None:
