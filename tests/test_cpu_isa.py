@@ -45,7 +45,12 @@ _SCRIPT = textwrap.dedent(
             x = torch.randn(9, cols, generator=g, dtype=dtype)
             y = ops.dst_sparse_mm(x, crow, col, val, None)
             y1 = ops.dst_sparse_mm(x[:1].contiguous(), crow, col, val, None)
-            case = dict(w=w, t=t, grad=grad, p=p, dw=dw, dt=dt, x=x, y=y, y1=y1, nnz=val.numel())
+            # 67 rows: whole 16-token blocks of the tile's transposed store and a tail.
+            x67 = torch.randn(67, cols, generator=g, dtype=dtype)
+            b = torch.randn(rows, generator=g, dtype=dtype)
+            y67 = ops.dst_sparse_mm(x67, crow, col, val, b, True)
+            case = dict(w=w, t=t, grad=grad, p=p, dw=dw, dt=dt, x=x, y=y, y1=y1, nnz=val.numel(),
+                        x67=x67, b=b, y67=y67)
             out["cases"].append(case)
     torch.save(out, sys.argv[1])
     """
@@ -88,15 +93,21 @@ def test_every_variant_matches_the_reference(isa, tmp_path):
         y = case["x"].double() @ p.T
         assert_close_rel(case["y"], y.to(dtype), tol, "sparse_mm")
         assert_close_rel(case["y1"], y[:1].to(dtype), tol, "sparse_mm, one row")
+        y67 = torch.relu(case["x67"].double() @ p.T + case["b"].double())
+        assert_close_rel(case["y67"], y67.to(dtype), tol, "sparse_mm, 67 rows, bias and ReLU")
 
 
 def test_variants_agree_with_each_other(tmp_path):
     """The mask pass and the CSR are bit-identical across variants (a compare and a copy);
-    sums may differ in their last bits (the vector width sets the reduction order)."""
-    runs = [_run(isa, tmp_path) for isa in ("portable", "avx512")]
-    for a, b in zip(runs[0]["cases"], runs[1]["cases"]):
-        assert torch.equal(a["p"], b["p"]) and a["nnz"] == b["nnz"]
-        assert_close_rel(a["dw"], b["dw"], tol_for(a["w"].dtype), "dW")
+    sums may differ in their last bits (the vector width sets the reduction order). The
+    product of several rows sums every token lane in one order in each variant, so it is
+    bit-identical (the AVX-512 variant's transposed store included)."""
+    runs = [_run(isa, tmp_path) for isa in ("portable", "avx2", "avx512")]
+    for a, b, c in zip(*(r["cases"] for r in runs)):
+        assert torch.equal(a["p"], c["p"]) and a["nnz"] == c["nnz"]
+        assert_close_rel(a["dw"], c["dw"], tol_for(a["w"].dtype), "dW")
+        for key in ("y", "y67"):
+            assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key]), key
 
 
 def test_an_unknown_value_is_refused_at_import():

@@ -123,6 +123,9 @@ constexpr int64_t kGrainElements = 32768;
 // Multiply-adds below which a product runs on one thread.
 constexpr int64_t kGrainWork = 65536;
 constexpr int64_t kMaxIndex = std::numeric_limits<int32_t>::max();
+// How many kept weights ahead the tile product prefetches its packed x rows (random rows of
+// an L2-resident tile: the loads' latency, not the adds, bounds that loop).
+constexpr int64_t kPrefetchAhead = 8;
 
 template <typename scalar_t>
 using opmath = at::opmath_type<scalar_t>;
@@ -340,6 +343,40 @@ inline __attribute__((always_inline)) T relu_if(T v, bool relu) {
   return relu && v < T(0) ? T(0) : v;
 }
 
+#ifdef DST_AVX512_COMPRESS
+// The store of one block of a float tile: out[f * ldo + i] (features f < cnt <= 16 of the
+// block, tokens i < nb) plus bias b[f] to y[i * ldy + f], 16 x 16 at a time transposed in
+// registers and stored as one masked vector per token row; the same sums and roundings as
+// the scalar store (one add, then the ReLU).
+__attribute__((target("avx512f"))) void store_block_avx512(const float* out, int64_t ldo,
+                                                           const float* b, int64_t cnt, float* y,
+                                                           int64_t ldy, int64_t nb, bool relu) {
+  const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1u);
+  const __m512 bias = _mm512_maskz_loadu_ps(keep, b);
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t nb16 = nb / 16 * 16;
+  __m512 r[16];
+  for (int64_t i0 = 0; i0 < nb16; i0 += 16) {
+    for (int f = 0; f < 16; ++f) {
+      r[f] = f < cnt ? _mm512_loadu_ps(out + f * ldo + i0) : zero;
+    }
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) {
+      __m512 v = _mm512_add_ps(r[i], bias);
+      if (relu) {
+        v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+      }
+      _mm512_mask_storeu_ps(y + (i0 + i) * ldy, keep, v);
+    }
+  }
+  for (int64_t i = nb16; i < nb; ++i) {
+    for (int64_t f = 0; f < cnt; ++f) {
+      y[i * ldy + f] = relu_if(out[f * ldo + i] + b[f], relu);
+    }
+  }
+}
+#endif
+
 template <typename scalar_t>
 struct Csr {
   const int32_t* crow;
@@ -376,6 +413,7 @@ inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __r
   // as kBlock contiguous values per token row (one cache line), not one strided store each.
   constexpr int64_t kBlock = 16;
   alignas(64) opmath_t out[kBlock][NB];
+  const int64_t p_end = a.crow[m1];
   for (int64_t mb = m0; mb < m1; mb += kBlock) {
     const int64_t me = std::min(m1, mb + kBlock);
     for (int64_t m = mb; m < me; ++m) {
@@ -388,6 +426,13 @@ inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __r
           acc[j] = V{};
         }
         for (int64_t p = a.crow[m]; p < e; ++p) {
+          if (p + kPrefetchAhead < p_end) {
+            const char* ahead = reinterpret_cast<const char*>(
+                xt + static_cast<int64_t>(a.col[p + kPrefetchAhead]) * NB);
+            for (int64_t line = 0; line < int64_t(NB * sizeof(opmath_t)); line += 64) {
+              __builtin_prefetch(ahead + line, 0, 3);
+            }
+          }
           const opmath_t v = static_cast<opmath_t>(a.val[p]);
           const V* xr = reinterpret_cast<const V*>(xt + static_cast<int64_t>(a.col[p]) * NB);
           for (int j = 0; j < kVecs; ++j) {
@@ -425,6 +470,14 @@ inline __attribute__((always_inline)) void tile_rows(const opmath<scalar_t>* __r
     for (int64_t m = mb; m < me; ++m) {
       b[m - mb] = bias != nullptr ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
     }
+#ifdef DST_AVX512_COMPRESS
+    if constexpr (std::is_same_v<scalar_t, float> && NB >= 16) {
+      if (has_avx512()) {
+        store_block_avx512(&out[0][0], NB, b, me - mb, y + mb, ldy, nb, relu);
+        continue;
+      }
+    }
+#endif
     // Two copies of the store loop: a test inside it costs more than the ReLU.
     if (relu) {
       for (int64_t i = 0; i < nb; ++i) {
