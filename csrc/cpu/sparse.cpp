@@ -1630,6 +1630,19 @@ struct RnnShape {
   int64_t saved_numel() const { return steps * batch * (saved_rows() + hidden); }
 };
 
+// The threads of a walk over the steps (one parallel region, a barrier per step): one when a
+// step is only a few thousand multiply-adds (batch 1), where the barrier costs more than the
+// split saves; `kept` is the kept weights a step multiplies, the cells count 16 per gate row.
+// The results do not depend on it (every output is one thread's sum in a fixed order).
+constexpr int64_t kWalkParallelWork = 65536;
+int walk_threads(const RnnShape& s, int64_t kept) {
+  const int64_t work = (kept + 16 * s.gates()) * s.batch;
+  if (work < kWalkParallelWork) {
+    return 1;
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.hidden)));
+}
+
 // The input checks shared by the three ops; returns the shape.
 RnnShape check_rnn(const char* op, Cell cell, const Tensor& x, const Tensor& h0,
                    const std::optional<Tensor>& c0, int64_t ih_rows, int64_t ih_cols,
@@ -2013,9 +2026,25 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     const scalar_t* gxp = gx.defined() ? gx.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* bufp = bufs.defined() ? bufs.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t g = gates_of(s.cell);
-    const int threads =
-        static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
-    std::vector<scalar_t> h1(B == 1 ? 2 * H : 0);  // the batch-1 cells' contiguous h, h_prev
+    const int threads = walk_threads(s, hh.c.col.numel() + (ih_csr ? ih.c.col.numel() : 0));
+    // One image: h in two contiguous buffers (a step reads one, its cells write the other),
+    // and the input part of every step's gates (bias first, then the row's kept weights in
+    // order, as the walk would add them) computed before the walk, vectorised over the steps.
+    std::vector<scalar_t> h1(B == 1 ? 2 * H : 0);
+    std::vector<scalar_t> gx1(B == 1 && ih_csr ? G * T : 0);
+    if (!gx1.empty()) {
+      at::parallel_for(0, G, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, T * 4)),
+                       [&](int64_t r0, int64_t r1) {
+                         for (int64_t r = r0; r < r1; ++r) {
+                           const scalar_t extra =
+                               !lstm && r < 2 * H && b_hh != nullptr ? b_hh[r] : scalar_t(0);
+                           csr_row_block(xtp, TB, icol, ival, static_cast<int64_t>(icrow[r]),
+                                         static_cast<int64_t>(icrow[r + 1]),
+                                         (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, T,
+                                         gx1.data() + r * T);
+                         }
+                       });
+    }
     const auto block_of = [&](int64_t k, int64_t t) {
       return gates != nullptr ? gates + t * S * B : bufp + (k % 2) * S * B;
     };
@@ -2035,13 +2064,22 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
             // GRU: b_hr, b_hz add with the input part; W_hn h + b_hn goes to its own row.
             const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
             scalar_t* row = blk + r * B;
-            if (ih_csr && B == 1) {  // one image: a dot product over the row's kept weights
-              scalar_t a = (bp != nullptr ? bp[r] : scalar_t(0)) + extra;
-              for (int32_t p = icrow[r]; p < icrow[r + 1]; ++p) {
-                a += ival[p] * xtp[static_cast<int64_t>(icol[p]) * TB + t];
+            const bool to_row = lstm || q < 2;
+            if (B == 1) {  // one image: the input part, then the recurrent dot product
+              const scalar_t in = ih_csr ? gx1[r * T + t] : gxp[t * G + r] + extra;
+              scalar_t a = to_row ? in : (b_hh != nullptr ? b_hh[r] : scalar_t(0));
+              for (int32_t p = hcrow[r]; p < hcrow[r + 1]; ++p) {
+                a += hval[p] * hp[hcol[p]];
               }
-              row[0] = a;
-            } else if (ih_csr) {
+              if (to_row) {
+                row[0] = a;
+              } else {
+                row[0] = in;
+                blk[3 * H + j] = a;
+              }
+              continue;
+            }
+            if (ih_csr) {
               csr_row_block(xtp + t * B, TB, icol, ival, static_cast<int64_t>(icrow[r]),
                             static_cast<int64_t>(icrow[r + 1]),
                             (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, B, row);
@@ -2050,15 +2088,6 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
               for (int64_t b = 0; b < B; ++b) {
                 row[b] = src[b] + extra;
               }
-            }
-            const bool to_row = lstm || q < 2;
-            if (B == 1) {
-              scalar_t a = to_row ? row[0] : (b_hh != nullptr ? b_hh[r] : scalar_t(0));
-              for (int32_t p = hcrow[r]; p < hcrow[r + 1]; ++p) {
-                a += hval[p] * hp[static_cast<int64_t>(hcol[p]) * ldh];
-              }
-              (to_row ? row : blk + (3 * H + j) * B)[0] = a;
-              continue;
             }
             csr_row_block(hp, ldh, hcol, hval, static_cast<int64_t>(hcrow[r]),
                           static_cast<int64_t>(hcrow[r + 1]),
@@ -2069,18 +2098,12 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
         scalar_t* hcur = ht + t * B;
         if (B == 1) {
           // One image: a step's block is [S] with the units contiguous, so the cells run
-          // vectorised over the thread's units (h and h_prev through a contiguous copy).
-          scalar_t* hb1 = h1.data() + j0;
-          scalar_t* hp1 = h1.data() + H + j0;
-          if (!lstm) {
-            for (int64_t j = j0; j < j1; ++j) {
-              hp1[j - j0] = hp[j * ldh];
-            }
-          }
+          // vectorised over the thread's units, into the h buffer the step does not read.
+          scalar_t* hb1 = h1.data() + (k % 2) * H + j0;
           if (lstm) {
             lstm_unit(blk + j0, H, cpv + j0, hb1, j1 - j0);
           } else {
-            gru_unit(blk + j0, H, static_cast<const scalar_t*>(hp1), hb1, j1 - j0);
+            gru_unit(blk + j0, H, hp + j0, hb1, j1 - j0);
           }
           for (int64_t j = j0; j < j1; ++j) {
             hcur[j * TB] = hb1[j - j0];
@@ -2095,8 +2118,8 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
           }
         }
 #pragma omp barrier
-        hp = hcur;
-        ldh = TB;
+        hp = B == 1 ? h1.data() + (k % 2) * H : hcur;
+        ldh = B == 1 ? 1 : TB;
         cpv = blk + 4 * H * B;
       }
     }
@@ -2246,8 +2269,7 @@ void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse, 
   scalar_t* dghp = dgh.mutable_data_ptr<scalar_t>();
   const scalar_t* h0p = h0t.const_data_ptr<scalar_t>();
   const scalar_t* c0p = lstm ? c0t.const_data_ptr<scalar_t>() : nullptr;
-  const int threads =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H)));
+  const int threads = walk_threads(s, hh_t.col.numel());
 #pragma omp parallel num_threads(threads)
   {
     const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
