@@ -411,3 +411,46 @@ def test_the_dense_products_of_the_op_equal_its_sparse_ones(cell, reverse):
         results[mode] = (y, h_n, c_n, *back)
     for a, b in zip(results["never"], results["always"]):
         assert_close_rel(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hidden, steps", [(37, 6), (1100, 2)])
+def test_one_image_is_its_row_of_a_batch(cell, reverse, dtype, hidden, steps):
+    # Batch 1 has its own walk (the input parts before it, the recurrent products 16 rows at a
+    # time; above a work size two threads): every row sums in the batched walk's order, so an
+    # image alone gives its row of the batch bit for bit. Hidden 37: two whole slices of 16
+    # rows and a partial one per gate; rows without kept weights and rows with many.
+    g = 4 if cell == "lstm" else 3
+    gen = torch.Generator().manual_seed(hidden)
+    n_in, batch = 11, 3
+    density = 0.3 if hidden < 100 else 0.01
+    w_ih = torch.randn(g * hidden, n_in, generator=gen, dtype=dtype)
+    w_ih *= torch.rand(g * hidden, n_in, generator=gen) < density
+    w_hh = torch.randn(g * hidden, hidden, generator=gen, dtype=dtype)
+    w_hh *= torch.rand(g * hidden, hidden, generator=gen) < density
+    w_hh[::5] = 0.0
+    w_hh[1] = torch.randn(hidden, generator=gen, dtype=dtype)
+    b_ih = torch.randn(g * hidden, generator=gen, dtype=dtype)
+    b_hh = torch.randn(g * hidden, generator=gen, dtype=dtype)
+    x = torch.randn(steps, batch, n_in, generator=gen, dtype=dtype)
+    h0 = torch.randn(batch, hidden, generator=gen, dtype=dtype)
+    c0 = torch.randn(batch, hidden, generator=gen, dtype=dtype) if cell == "lstm" else None
+    zero = torch.zeros(g * hidden, dtype=dtype)
+    csr = [*ops.dst_sparse_mask(w_ih, zero), *ops.dst_sparse_mask(w_hh, zero)]
+    y, h_n, c_n = ops.dst_sparse_rnn(x, h0, c0, *csr, b_ih, b_hh, cell, reverse)
+    with sparse_mode("always"):
+        train = ops.dst_sparse_rnn_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse)
+    assert torch.equal(train[0], y)
+    for b in range(batch):
+        c0b = None if c0 is None else c0[b : b + 1]
+        y1, h1, c1 = ops.dst_sparse_rnn(x[:, b : b + 1], h0[b : b + 1], c0b, *csr, b_ih, b_hh, cell, reverse)
+        assert torch.equal(y1[:, 0], y[:, b]) and torch.equal(h1[0], h_n[b])
+        if cell == "lstm":
+            assert torch.equal(c1[0], c_n[b])
+        with sparse_mode("always"):
+            t1 = ops.dst_sparse_rnn_train(
+                x[:, b : b + 1], h0[b : b + 1], c0b, w_ih, w_hh, b_ih, b_hh, cell, reverse
+            )
+        assert torch.equal(t1[0][:, 0], y[:, b])

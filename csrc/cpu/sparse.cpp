@@ -1630,6 +1630,79 @@ struct RnnShape {
   int64_t saved_numel() const { return steps * batch * (saved_rows() + hidden); }
 };
 
+#ifdef DST_AVX512_COMPRESS
+// Rows [r0, r1) of a CSR matrix as sliced ELL: slices of 16 consecutive rows, entry (k, lane)
+// of a slice the k-th kept weight of its row (padding entries are never read: masked).
+struct Sell16 {
+  int64_t r0 = 0, rows = 0;
+  std::vector<int32_t> len;    // [slices * 16] the rows' kept counts (0 past r1)
+  std::vector<int32_t> depth;  // [slices] the slice's longest row
+  std::vector<int64_t> off;    // [slices] the slice's first entry
+  std::vector<int32_t> col;    // [entries]
+  std::vector<float> val;      // [entries]
+};
+
+Sell16 sell16_of(const int32_t* crow, const int32_t* col, const float* val, int64_t r0,
+                 int64_t r1) {
+  Sell16 a;
+  a.r0 = r0;
+  a.rows = r1 - r0;
+  const int64_t slices = (a.rows + 15) / 16;
+  a.len.assign(slices * 16, 0);
+  a.depth.assign(slices, 0);
+  a.off.assign(slices, 0);
+  int64_t entries = 0;
+  for (int64_t sl = 0; sl < slices; ++sl) {
+    int32_t d = 0;
+    for (int64_t i = 0; i < 16 && sl * 16 + i < a.rows; ++i) {
+      const int64_t r = r0 + sl * 16 + i;
+      a.len[sl * 16 + i] = crow[r + 1] - crow[r];
+      d = std::max(d, a.len[sl * 16 + i]);
+    }
+    a.depth[sl] = d;
+    a.off[sl] = entries;
+    entries += int64_t(d) * 16;
+  }
+  a.col.assign(entries, 0);
+  a.val.assign(entries, 0.0f);
+  for (int64_t sl = 0; sl < slices; ++sl) {
+    for (int64_t i = 0; i < 16 && sl * 16 + i < a.rows; ++i) {
+      const int64_t r = r0 + sl * 16 + i;
+      for (int32_t k = 0; k < crow[r + 1] - crow[r]; ++k) {
+        a.col[a.off[sl] + k * 16 + i] = col[crow[r] + k];
+        a.val[a.off[sl] + k * 16 + i] = val[crow[r] + k];
+      }
+    }
+  }
+  return a;
+}
+
+// y[i] = (add ? y[i] : init[i]) + sum over row r0 + i's kept weights of val * h[col], in the
+// row's order with a separate multiply and add: the same sums as the scalar dot product, 16
+// rows at a time (gathered h values, masked past each row's end).
+__attribute__((target("avx512f"))) void sell16_product(const Sell16& a, const float* h,
+                                                       const float* init, bool add, float* y) {
+  const int64_t slices = static_cast<int64_t>(a.depth.size());
+  for (int64_t sl = 0; sl < slices; ++sl) {
+    const int64_t i0 = sl * 16;
+    const int64_t lanes = std::min<int64_t>(16, a.rows - i0);
+    const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1u);
+    __m512 acc = _mm512_maskz_loadu_ps(live, (add ? y : init) + i0);
+    const __m512i len = _mm512_loadu_si512(a.len.data() + i0);
+    const int32_t* cp = a.col.data() + a.off[sl];
+    const float* vp = a.val.data() + a.off[sl];
+    for (int32_t k = 0; k < a.depth[sl]; ++k) {
+      const __mmask16 m = _mm512_cmpgt_epi32_mask(len, _mm512_set1_epi32(k));
+      const __m512i c = _mm512_maskz_loadu_epi32(m, cp + k * 16);
+      const __m512 hv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, h, 4);
+      const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, vp + k * 16), hv);
+      acc = _mm512_mask_add_ps(acc, m, acc, prod);
+    }
+    _mm512_mask_storeu_ps(y + i0, live, acc);
+  }
+}
+#endif
+
 // The threads of a walk over the steps (one parallel region, a barrier per step): one when a
 // step is only a few thousand multiply-adds (batch 1), where the barrier costs more than the
 // split saves; `kept` is the kept weights a step multiplies, the cells count 16 per gate row.
@@ -2032,6 +2105,7 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     // order, as the walk would add them) computed before the walk, vectorised over the steps.
     std::vector<scalar_t> h1(B == 1 ? 2 * H : 0);
     std::vector<scalar_t> gx1(B == 1 && ih_csr ? G * T : 0);
+    const std::vector<float> zeros1(B == 1 ? H : 0, 0.0f);
     if (!gx1.empty()) {
       at::parallel_for(0, G, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, T * 4)),
                        [&](int64_t r0, int64_t r1) {
@@ -2055,9 +2129,42 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
       const scalar_t* hp = h_prev;
       int64_t ldh = B;
       const scalar_t* cpv = c_prev;
+#ifdef DST_AVX512_COMPRESS
+      // One image, float: the recurrent products of the thread's rows of every gate as sliced
+      // ELL, 16 rows a vector (no branch on a row's length).
+      std::vector<Sell16> sells;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (B == 1 && has_avx512()) {
+          for (int64_t q = 0; q < g; ++q) {
+            sells.push_back(sell16_of(hcrow, hcol, hval, q * H + j0, q * H + j1));
+          }
+        }
+      }
+#endif
       for (int64_t k = 0; k < T; ++k) {
         const int64_t t = reverse ? T - 1 - k : k;
         scalar_t* blk = block_of(k, t);
+#ifdef DST_AVX512_COMPRESS
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (!sells.empty()) {
+            for (int64_t q = 0; q < g; ++q) {
+              float* rows = blk + q * H + j0;
+              for (int64_t j = j0; j < j1; ++j) {
+                const int64_t r = q * H + j;
+                const float extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : 0.0f;
+                rows[j - j0] = ih_csr ? gx1[r * T + t] : gxp[t * G + r] + extra;
+              }
+              if (lstm || q < 2) {
+                sell16_product(sells[q], hp, nullptr, true, rows);
+              } else {  // GRU: W_hn h + b_hn in its own row
+                const float* init = b_hh != nullptr ? b_hh + q * H + j0 : zeros1.data();
+                sell16_product(sells[q], hp, init, false, blk + 3 * H + j0);
+              }
+            }
+            goto cells;
+          }
+        }
+#endif
         for (int64_t q = 0; q < g; ++q) {
           for (int64_t j = j0; j < j1; ++j) {
             const int64_t r = q * H + j;
@@ -2095,6 +2202,9 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
                           to_row ? row : blk + (3 * H + j) * B);
           }
         }
+#ifdef DST_AVX512_COMPRESS
+      cells:
+#endif
         scalar_t* hcur = ht + t * B;
         if (B == 1) {
           // One image: a step's block is [S] with the units contiguous, so the cells run
