@@ -2104,20 +2104,26 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     // and the input part of every step's gates (bias first, then the row's kept weights in
     // order, as the walk would add them) computed before the walk, vectorised over the steps.
     std::vector<scalar_t> h1(B == 1 ? 2 * H : 0);
-    std::vector<scalar_t> gx1(B == 1 && ih_csr ? G * T : 0);
+    // (The steps padded to whole vectors: no scalar tail in the product.)
+    const int64_t Tp = (T + 15) / 16 * 16;
+    std::vector<scalar_t> gx1(B == 1 && ih_csr ? G * Tp : 0);
     const std::vector<float> zeros1(B == 1 ? H : 0, 0.0f);
     if (!gx1.empty()) {
-      at::parallel_for(0, G, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, T * 4)),
-                       [&](int64_t r0, int64_t r1) {
-                         for (int64_t r = r0; r < r1; ++r) {
-                           const scalar_t extra =
-                               !lstm && r < 2 * H && b_hh != nullptr ? b_hh[r] : scalar_t(0);
-                           csr_row_block(xtp, TB, icol, ival, static_cast<int64_t>(icrow[r]),
-                                         static_cast<int64_t>(icrow[r + 1]),
-                                         (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, T,
-                                         gx1.data() + r * T);
-                         }
-                       });
+      Tensor xpad = at::zeros({s.in, Tp}, opt);
+      xpad.narrow(1, 0, T).copy_(xt);
+      const scalar_t* xpp = xpad.const_data_ptr<scalar_t>();
+      // (On the walk's threads: waking a second one costs more than a small product.)
+      const int64_t grain =
+          threads == 1 ? G : std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, T * 4));
+      at::parallel_for(0, G, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t extra = !lstm && r < 2 * H && b_hh != nullptr ? b_hh[r] : scalar_t(0);
+          csr_row_block(xpp, Tp, icol, ival, static_cast<int64_t>(icrow[r]),
+                        static_cast<int64_t>(icrow[r + 1]),
+                        (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, Tp,
+                        gx1.data() + r * Tp);
+        }
+      });
     }
     const auto block_of = [&](int64_t k, int64_t t) {
       return gates != nullptr ? gates + t * S * B : bufp + (k % 2) * S * B;
@@ -2152,7 +2158,7 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
               for (int64_t j = j0; j < j1; ++j) {
                 const int64_t r = q * H + j;
                 const float extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : 0.0f;
-                rows[j - j0] = ih_csr ? gx1[r * T + t] : gxp[t * G + r] + extra;
+                rows[j - j0] = ih_csr ? gx1[r * Tp + t] : gxp[t * G + r] + extra;
               }
               if (lstm || q < 2) {
                 sell16_product(sells[q], hp, nullptr, true, rows);
@@ -2173,7 +2179,7 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
             scalar_t* row = blk + r * B;
             const bool to_row = lstm || q < 2;
             if (B == 1) {  // one image: the input part, then the recurrent dot product
-              const scalar_t in = ih_csr ? gx1[r * T + t] : gxp[t * G + r] + extra;
+              const scalar_t in = ih_csr ? gx1[r * Tp + t] : gxp[t * G + r] + extra;
               scalar_t a = to_row ? in : (b_hh != nullptr ? b_hh[r] : scalar_t(0));
               for (int32_t p = hcrow[r]; p < hcrow[r + 1]; ++p) {
                 a += hval[p] * hp[hcol[p]];
