@@ -1634,7 +1634,7 @@ struct RnnShape {
 // Rows [r0, r1) of a CSR matrix as sliced ELL: slices of 16 consecutive rows, entry (k, lane)
 // of a slice the k-th kept weight of its row (padding entries are never read: masked).
 struct Sell16 {
-  int64_t r0 = 0, rows = 0;
+  int64_t rows = 0;
   std::vector<int32_t> len;    // [slices * 16] the rows' kept counts (0 past r1)
   std::vector<int32_t> depth;  // [slices] the slice's longest row
   std::vector<int64_t> off;    // [slices] the slice's first entry
@@ -1645,7 +1645,6 @@ struct Sell16 {
 Sell16 sell16_of(const int32_t* crow, const int32_t* col, const float* val, int64_t r0,
                  int64_t r1) {
   Sell16 a;
-  a.r0 = r0;
   a.rows = r1 - r0;
   const int64_t slices = (a.rows + 15) / 16;
   a.len.assign(slices * 16, 0);
@@ -1677,9 +1676,9 @@ Sell16 sell16_of(const int32_t* crow, const int32_t* col, const float* val, int6
   return a;
 }
 
-// y[i] = (add ? y[i] : init[i]) + sum over row r0 + i's kept weights of val * h[col], in the
-// row's order with a separate multiply and add: the same sums as the scalar dot product, 16
-// rows at a time (gathered h values, masked past each row's end).
+// y[i] = (add ? y[i] : init[i], or 0 without init) + sum over the slice rows' i-th row's kept
+// weights of val * h[col], in the row's order with a separate multiply and add: the same sums
+// as the scalar dot product, 16 rows at a time (gathered h values, masked past each row's end).
 __attribute__((target("avx512f"))) void sell16_product(const Sell16& a, const float* h,
                                                        const float* init, bool add, float* y) {
   const int64_t slices = static_cast<int64_t>(a.depth.size());
@@ -1687,7 +1686,8 @@ __attribute__((target("avx512f"))) void sell16_product(const Sell16& a, const fl
     const int64_t i0 = sl * 16;
     const int64_t lanes = std::min<int64_t>(16, a.rows - i0);
     const __mmask16 live = static_cast<__mmask16>((1u << lanes) - 1u);
-    __m512 acc = _mm512_maskz_loadu_ps(live, (add ? y : init) + i0);
+    const float* start = add ? y : init;
+    __m512 acc = start != nullptr ? _mm512_maskz_loadu_ps(live, start + i0) : _mm512_setzero_ps();
     const __m512i len = _mm512_loadu_si512(a.len.data() + i0);
     const int32_t* cp = a.col.data() + a.off[sl];
     const float* vp = a.val.data() + a.off[sl];
@@ -2107,7 +2107,6 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     // (The steps padded to whole vectors: no scalar tail in the product.)
     const int64_t Tp = (T + 15) / 16 * 16;
     std::vector<scalar_t> gx1(B == 1 && ih_csr ? G * Tp : 0);
-    const std::vector<float> zeros1(B == 1 ? H : 0, 0.0f);
     if (!gx1.empty()) {
       Tensor xpad = at::zeros({s.in, Tp}, opt);
       xpad.narrow(1, 0, T).copy_(xt);
@@ -2150,67 +2149,61 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
       for (int64_t k = 0; k < T; ++k) {
         const int64_t t = reverse ? T - 1 - k : k;
         scalar_t* blk = block_of(k, t);
+        if (B == 1) {
+          // One image: every row's input part, then the recurrent products (the GRU's W_hn h
+          // + b_hn into its own row).
+          for (int64_t q = 0; q < g; ++q) {
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t r = q * H + j;
+              const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
+              blk[r] = ih_csr ? gx1[r * Tp + t] : gxp[t * G + r] + extra;
+            }
+          }
+          for (int64_t q = 0; q < g; ++q) {
+            const bool to_row = lstm || q < 2;
 #ifdef DST_AVX512_COMPRESS
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (!sells.empty()) {
-            for (int64_t q = 0; q < g; ++q) {
-              float* rows = blk + q * H + j0;
-              for (int64_t j = j0; j < j1; ++j) {
-                const int64_t r = q * H + j;
-                const float extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : 0.0f;
-                rows[j - j0] = ih_csr ? gx1[r * Tp + t] : gxp[t * G + r] + extra;
-              }
-              if (lstm || q < 2) {
-                sell16_product(sells[q], hp, nullptr, true, rows);
-              } else {  // GRU: W_hn h + b_hn in its own row
-                const float* init = b_hh != nullptr ? b_hh + q * H + j0 : zeros1.data();
-                sell16_product(sells[q], hp, init, false, blk + 3 * H + j0);
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (!sells.empty()) {
+                sell16_product(sells[q], hp, b_hh != nullptr ? b_hh + q * H + j0 : nullptr, to_row,
+                               blk + (to_row ? q : 3) * H + j0);
+                continue;
               }
             }
-            goto cells;
-          }
-        }
 #endif
-        for (int64_t q = 0; q < g; ++q) {
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t r = q * H + j;
-            // GRU: b_hr, b_hz add with the input part; W_hn h + b_hn goes to its own row.
-            const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
-            scalar_t* row = blk + r * B;
-            const bool to_row = lstm || q < 2;
-            if (B == 1) {  // one image: the input part, then the recurrent dot product
-              const scalar_t in = ih_csr ? gx1[r * Tp + t] : gxp[t * G + r] + extra;
-              scalar_t a = to_row ? in : (b_hh != nullptr ? b_hh[r] : scalar_t(0));
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t r = q * H + j;
+              scalar_t a = to_row ? blk[r] : (b_hh != nullptr ? b_hh[r] : scalar_t(0));
               for (int32_t p = hcrow[r]; p < hcrow[r + 1]; ++p) {
                 a += hval[p] * hp[hcol[p]];
               }
-              if (to_row) {
-                row[0] = a;
+              blk[to_row ? r : 3 * H + j] = a;
+            }
+          }
+        } else {
+          for (int64_t q = 0; q < g; ++q) {
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t r = q * H + j;
+              // GRU: b_hr, b_hz add with the input part; W_hn h + b_hn goes to its own row.
+              const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
+              scalar_t* row = blk + r * B;
+              const bool to_row = lstm || q < 2;
+              if (ih_csr) {
+                csr_row_block(xtp + t * B, TB, icol, ival, static_cast<int64_t>(icrow[r]),
+                              static_cast<int64_t>(icrow[r + 1]),
+                              (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, B, row);
               } else {
-                row[0] = in;
-                blk[3 * H + j] = a;
+                const scalar_t* src = gxp + (t * G + r) * B;
+                for (int64_t b = 0; b < B; ++b) {
+                  row[b] = src[b] + extra;
+                }
               }
-              continue;
+              csr_row_block(hp, ldh, hcol, hval, static_cast<int64_t>(hcrow[r]),
+                            static_cast<int64_t>(hcrow[r + 1]),
+                            !to_row && b_hh != nullptr ? b_hh[r] : scalar_t(0), to_row, B,
+                            to_row ? row : blk + (3 * H + j) * B);
             }
-            if (ih_csr) {
-              csr_row_block(xtp + t * B, TB, icol, ival, static_cast<int64_t>(icrow[r]),
-                            static_cast<int64_t>(icrow[r + 1]),
-                            (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, B, row);
-            } else {
-              const scalar_t* src = gxp + (t * G + r) * B;
-              for (int64_t b = 0; b < B; ++b) {
-                row[b] = src[b] + extra;
-              }
-            }
-            csr_row_block(hp, ldh, hcol, hval, static_cast<int64_t>(hcrow[r]),
-                          static_cast<int64_t>(hcrow[r + 1]),
-                          !to_row && b_hh != nullptr ? b_hh[r] : scalar_t(0), to_row, B,
-                          to_row ? row : blk + (3 * H + j) * B);
           }
         }
-#ifdef DST_AVX512_COMPRESS
-      cells:
-#endif
         scalar_t* hcur = ht + t * B;
         if (B == 1) {
           // One image: a step's block is [S] with the units contiguous, so the cells run
