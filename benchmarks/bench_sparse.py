@@ -20,7 +20,8 @@ Cases have a ``density`` (thresholds set per row to keep that fraction; reset ru
   no grad: ``dense`` (``export.fold``), ``torch-sparse`` (the folded weights as
   ``torch.sparse_csr`` tensors), ``native`` (``export.to_sparse``) and ``sparseprop`` (its
   ``SparseLinear``); shape ``(batch, C, H, W)``: LeNet-5 (1x28x28) and VGG-16 (3x32x32)
-  inference, ``dense`` against ``native``.
+  inference: ``dense``, ``dense-cl`` (the folded model and its input in channels_last),
+  ``native`` and ``native-unfused`` (``to_sparse`` without its fused ReLU and max pool).
 
 SparseProp (``pip install --no-build-isolation sparseprop==0.1.14``) joins where it imports;
 elsewhere a warning says why its columns are missing. Its step on a Linear also uses its

@@ -22,6 +22,7 @@ from benchmarks.baselines import IGemmConv2d, PaperConv2d, PaperLinear, fake_spa
 # Implementations, in report order; "dense" is the denominator of every ratio.
 IMPLS = (
     "dense",
+    "dense-cl",
     "paper",
     "paper-sync",
     "ao-fakesparsity",
@@ -30,6 +31,7 @@ IMPLS = (
     "sparseprop",
     "sparseprop-on",
     "native-dense",
+    "native-unfused",
     "native",
     "triton",
     "triton-igemm",

@@ -7,7 +7,17 @@ from collections import defaultdict
 
 from benchmarks.harness import IMPLS, OURS
 
-BASES = ("paper", "paper-sync", "reference", "native-dense", "torch-sparse", "sparseprop", "sparseprop-on")
+BASES = (
+    "paper",
+    "paper-sync",
+    "reference",
+    "dense-cl",
+    "native-dense",
+    "native-unfused",
+    "torch-sparse",
+    "sparseprop",
+    "sparseprop-on",
+)
 
 
 def _key(r):
@@ -108,10 +118,7 @@ def write_report(results: dict, path: str) -> None:
         present = [i for i in IMPLS if any(i in impls for _, impls in rows)]
         ours = [o for o in OURS if o in present]
         ratio_cols = [f"{o}/dense" for o in ours if "dense" in present] + [
-            f"{b}/{o}"
-            for o in ours
-            for b in ("paper", "reference", "native-dense", "torch-sparse", "sparseprop", "sparseprop-on")
-            if b in present
+            f"{b}/{o}" for o in ours for b in BASES if b in present and b != "paper-sync"
         ]
         lines += ["", f"## {op} {mode} ({dtype})", ""]
         lines.append("| shape | " + " | ".join(present + ratio_cols) + " |")

@@ -16,12 +16,13 @@ import time
 import torch
 
 from benchmarks.cases import cases_for
-from benchmarks.sparse_steps import build_sparse_step, is_lstm, sparse_impls
+from benchmarks.sparse_steps import build_sparse_step, is_conv, is_lstm, sparse_impls
 
 SELECT = {
     "lstm": lambda c: is_lstm(c),
     "lenet300": lambda c: c.mode == "forward" and tuple(c.shape[1:]) == (784, 300, 100),
     "linear": lambda c: c.mode != "forward" and len(c.shape) == 3,  # DSTLinear steps
+    "conv-inference": lambda c: c.mode == "forward" and is_conv(c),  # LeNet-5, VGG-16
 }
 
 
@@ -66,8 +67,9 @@ def main(argv=None) -> None:
             rec["native/dense"] = ms["native"] / ms["dense"]
             if "sparseprop" in ms:
                 rec["native/sparseprop"] = ms["native"] / ms["sparseprop"]
-            if "native-dense" in ms:
-                rec["native/native-dense"] = ms["native"] / ms["native-dense"]
+            for base in ("native-dense", "dense-cl", "native-unfused"):
+                if base in ms:
+                    rec[f"native/{base}"] = ms["native"] / ms[base]
             records.append(rec)
             print(json.dumps(rec), flush=True)
     if args.out:

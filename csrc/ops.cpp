@@ -100,11 +100,13 @@ TORCH_LIBRARY(dst_kernels, m) {
       "dst_conv2d_grad_input(Tensor grad_y, Tensor x, Tensor weight, Tensor threshold, int[2] "
       "stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // dst_sparse_conv2d: y = conv2d(x, A) + bias for A in CSR over [out_channels, in_channels *
-  // KH * KW] (the filters' kept taps; groups 1), the sparse conv layers' inference op.
+  // KH * KW] (the filters' kept taps; groups 1), the sparse conv layers' inference op; with
+  // relu and a pool window other than 1 x 1, y = max_pool2d(relu(y), pool_kernel, pool_stride)
+  // (no padding, floor), the ReLU and the pool fused into its output pass.
   m.def(
       "dst_sparse_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
-      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> "
-      "Tensor");
+      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool "
+      "relu=False, int[2] pool_kernel=[1, 1], int[2] pool_stride=[1, 1]) -> Tensor");
   // One LSTM / GRU layer and direction (mode "lstm" | "gru"; PyTorch's gate order; x is
   // [steps, batch, input], h0 / c0 [batch, hidden]; c0 only for the LSTM). dst_sparse_rnn:
   // inference on the CSR of the gate matrices, returns (y, h_n, c_n). dst_sparse_rnn_train: on

@@ -185,11 +185,28 @@ def _register_sparse() -> None:
 
     @torch.library.register_fake("dst_kernels::dst_sparse_conv2d")
     def _dst_sparse_conv2d_fake(
-        x, crow_indices, col_indices, values, bias, kernel_size, stride, padding, dilation
+        x,
+        crow_indices,
+        col_indices,
+        values,
+        bias,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        relu=False,
+        pool_kernel=(1, 1),
+        pool_stride=(1, 1),
     ):
         torch._check(x.dim() == 4, lambda: "dst_sparse_conv2d: x must be 4-D")
         torch._check(values.dtype == x.dtype, lambda: "dst_sparse_conv2d: values must have x's dtype")
         size = _conv_out_size(x, crow_indices.shape[0] - 1, kernel_size, stride, padding, dilation)
+        for i in range(2):
+            torch._check(
+                size[2 + i] >= pool_kernel[i],
+                lambda: "dst_sparse_conv2d: the convolution's output is smaller than the pool window",
+            )
+            size[2 + i] = (size[2 + i] - pool_kernel[i]) // pool_stride[i] + 1
         return x.new_empty(size)
 
     if has_op("dst_sparse_rnn_train"):

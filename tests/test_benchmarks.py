@@ -61,11 +61,13 @@ def test_benchmark_suite_smoke(tmp_path):
         expected |= {("step", "sparseprop"), ("forward", "sparseprop")}
     assert {(r["mode"], r["impl"]) for r in sparse} == expected
     assert all(r["density"] == 0.03 for r in sparse)
-    # the conv cases: a DSTConv2d step (and SparseProp's two kernels), LeNet-5 inference
+    # the conv cases: a DSTConv2d step (and SparseProp's two kernels), LeNet-5 inference (the
+    # folded model also in channels_last; to_sparse also without its fused ReLU and pool)
     conv = [r for r in records if r["op"] == "sparse" and r not in sparse]
-    expected = {("step", "dense"), ("forward", "dense")}
+    expected = {("step", "dense"), ("forward", "dense"), ("forward", "dense-cl")}
     if "native" in dst.available_backends("cpu"):
         expected |= {("step", "native-dense"), ("step", "native"), ("forward", "native")}
+        expected |= {("forward", "native-unfused")}
     if not sparseprop_missing():
         expected |= {("step", "sparseprop"), ("step", "sparseprop-on")}
     assert {(r["mode"], r["impl"]) for r in conv} == expected

@@ -52,6 +52,17 @@ _SCRIPT = textwrap.dedent(
             case = dict(w=w, t=t, grad=grad, p=p, dw=dw, dt=dt, x=x, y=y, y1=y1, nnz=val.numel(),
                         x67=x67, b=b, y67=y67)
             out["cases"].append(case)
+    # The sparse convolution's fused ReLU and 2 x 2 max pool (a NaN included; odd output
+    # sizes: the pool drops the last row and column), beside the same convolution unfused.
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(5, 4, 3, 3, generator=g)
+    crow, col, val = ops.dst_sparse_mask(w, torch.full((5,), 0.8))
+    xc = torch.randn(3, 4, 13, 26, generator=g)
+    xc[1, 2, 5, 7] = float("nan")
+    b = torch.randn(5, generator=g)
+    conv = (xc, crow, col, val, b, [3, 3], [1, 1], [0, 0], [1, 1])
+    out["pool"] = (ops.dst_sparse_conv2d(*conv, True, [2, 2], [2, 2]),
+                   torch.nn.functional.max_pool2d(torch.relu(ops.dst_sparse_conv2d(*conv)), 2))
     torch.save(out, sys.argv[1])
     """
 )
@@ -95,6 +106,9 @@ def test_every_variant_matches_the_reference(isa, tmp_path):
         assert_close_rel(case["y1"], y[:1].to(dtype), tol, "sparse_mm, one row")
         y67 = torch.relu(case["x67"].double() @ p.T + case["b"].double())
         assert_close_rel(case["y67"], y67.to(dtype), tol, "sparse_mm, 67 rows, bias and ReLU")
+    fused, unfused = out["pool"]
+    assert fused.isnan().any()
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0, equal_nan=True)
 
 
 def test_variants_agree_with_each_other(tmp_path):

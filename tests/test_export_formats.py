@@ -96,6 +96,9 @@ def test_onnx_refuses_dst_layers_and_to_sparse_models_saying_fold_first():
         dst.export.to_onnx(model, (x,))
     with pytest.raises(ValueError, match="to_sparse SparseLinear.*fold"):
         dst.export.to_onnx(dst.export.to_sparse(model, max_density=1.0), (x,))
+    lenet5 = _trained_like("lenet5")
+    with pytest.raises(ValueError, match=r"0, 3, 7, 9 are to_sparse SparseConv2d/SparseLinear layer"):
+        dst.export.to_onnx(dst.export.to_sparse(lenet5, max_density=1.0), (x,))
 
 
 @pytest.mark.parametrize("form", ["fold", "compact", "to_sparse"])

@@ -214,11 +214,64 @@ def test_sparse_conv2d_bad_input():
         )
 
 
+# (case, pool window, pool stride): the 2 x 2 window of LeNet and VGG on even and odd output
+# sizes (floor), wider than a vector (67), one output row or column; other windows and strides.
+POOLS = [
+    ((4, 6, 12, 12, 9, 5, 1, 0, 1), (2, 2), (2, 2)),
+    ((2, 3, 7, 9, 5, 3, 1, 1, 1), (2, 2), (2, 2)),
+    ((1, 3, 5, 67, 2, 3, 1, 1, 1), (2, 2), (2, 2)),
+    ((33, 4, 5, 5, 3, 3, 1, 1, 1), (2, 2), (2, 2)),
+    ((2, 2, 17, 19, 3, 3, 3, 1, 1), (2, 2), (2, 2)),
+    ((3, 5, 11, 13, 7, 3, 2, 1, 1), (3, 3), (2, 2)),
+    ((2, 3, 7, 9, 5, 3, 1, 1, 1), (2, 3), (1, 2)),
+    ((2, 3, 9, 9, 4, 3, 1, 2, 2), (5, 1), (5, 1)),
+    ((2, 3, 7, 9, 5, 3, 1, 1, 1), (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case, window, stride", POOLS)
+def test_sparse_conv2d_fused_relu_and_max_pool(case, window, stride, relu, dtype):
+    """The epilogue selects the values max_pool2d(relu(y)) selects, bit for bit, NaN included."""
+    x, weight, threshold, bias, s, p, d = _case(case, 0.3, dtype)
+    x[0, 0, 0, 0] = float("nan")
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    conv = (x, crow, col, values, bias, [case[5]] * 2, s, p, d)
+    unfused = ops.dst_sparse_conv2d(*conv)
+    expected = F.max_pool2d(torch.relu(unfused) if relu else unfused, window, stride)
+    got = ops.dst_sparse_conv2d(*conv, relu, list(window), list(stride))
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    if relu:
+        assert (got.nan_to_num(0.0) >= 0).all()
+    with sparse_mode("always"):  # the training forward's kernel, with no epilogue
+        y, _, _ = ops.dst_conv2d(x, weight, threshold, bias, s, p, d, 1, None)
+    assert_close_rel(unfused.nan_to_num(0.0), y.nan_to_num(0.0), tol_for(dtype), "forward")
+
+
+def test_sparse_conv2d_pool_bad_input():
+    x, weight, threshold, bias, s, p, d = _case((2, 3, 7, 9, 5, 3, 1, 1, 1), 0.3)
+    crow, col, values = ops.dst_sparse_mask(weight, threshold)
+    conv = (x, crow, col, values, bias, [3, 3], s, p, d)
+    with pytest.raises(RuntimeError, match=r"output of 7 x 9 is smaller than the pool window \[8, 2\]"):
+        ops.dst_sparse_conv2d(*conv, False, [8, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="pool_kernel must be 2 positive sizes"):
+        ops.dst_sparse_conv2d(*conv, False, [0, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="pool_stride must be 2 positive sizes"):
+        ops.dst_sparse_conv2d(*conv, True, [2, 2], [2, -1])
+    empty = ops.dst_sparse_conv2d(x[:0], crow, col, values, bias, [3, 3], s, p, d, True, [2, 2], [2, 2])
+    assert empty.shape == (0, 5, 3, 4)
+
+
 def test_opcheck_sparse_conv_ops():
     x, weight, threshold, bias, s, p, d = _case((2, 3, 7, 9, 5, 3, 2, 1, 1), 0.3)
     crow, col, values = ops.dst_sparse_mask(weight, threshold)
     torch.library.opcheck(ops.dst_sparse_conv2d.default, (x, crow, col, values, bias, [3, 3], s, p, d))
     torch.library.opcheck(ops.dst_sparse_conv2d.default, (x, crow, col, values, None, [3, 3], s, p, d))
+    torch.library.opcheck(
+        ops.dst_sparse_conv2d.default, (x, crow, col, values, bias, [3, 3], s, p, d, True, [2, 2], [2, 1])
+    )
     gy = torch.randn(2, 5, 4, 5, dtype=torch.float64)
     for mode in ("always", "never"):
         with sparse_mode(mode):
@@ -319,6 +372,109 @@ def test_sparse_conv2d_module_options():
     assert type(dst.export.to_sparse(grouped)) is nn.Conv2d  # grouped: folded dense
     with pytest.raises(ValueError, match="weight must be 4-D"):
         SparseConv2d.from_dense(torch.randn(3, 4))
+
+
+def test_to_sparse_fuses_relu_and_max_pool_after_a_conv():
+    model = _sparse_model("lenet5", 0.05)
+    fused = dst.export.to_sparse(model)
+    plain = dst.export.to_sparse(model, fuse_relu=False, fuse_pool=False)
+    no_pool = dst.export.to_sparse(model, fuse_pool=False)
+    assert [type(m) for m in fused] == [
+        SparseConv2d,
+        nn.Identity,
+        nn.Identity,
+        SparseConv2d,
+        nn.Identity,
+        nn.Identity,
+        nn.Flatten,
+        SparseLinear,
+        nn.Identity,
+        SparseLinear,
+    ]
+    for i in (0, 3):
+        assert fused[i].relu and fused[i].pool_kernel_size == (2, 2) and fused[i].pool_stride == (2, 2)
+        assert no_pool[i].relu and no_pool[i].pool_kernel_size is None
+        assert type(no_pool[i + 2]) is nn.MaxPool2d
+        assert not plain[i].relu and plain[i].pool_kernel_size is None
+    assert "relu=True, pool_kernel_size=(2, 2), pool_stride=(2, 2)" in repr(fused[0])
+    assert "pool" not in repr(plain[0])
+    assert set(fused.state_dict()) == set(plain.state_dict())
+    for batch in (1, 7, 32):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            expected = plain(x)
+            assert torch.equal(fused(x), expected)  # the same convolutions; the pool selects
+            assert torch.equal(no_pool(x), expected)
+            assert_close_rel(expected, dst.export.fold(model)(x), tol_for(torch.float32), "fold")
+    # The dense fallback (another dtype than the stored values) pools too.
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    conv = fused[0]
+    weight, bias = conv.dense_weight().double(), conv.bias.double()
+    assert_close_rel(conv(x), F.max_pool2d(torch.relu(F.conv2d(x, weight, bias)), 2), 1e-12, "fallback")
+    with pytest.raises(TypeError, match="fuse_pool must be a bool"):
+        dst.export.to_sparse(model, fuse_pool=None)
+
+
+def test_to_sparse_fuses_only_the_pools_it_computes():
+    """A pool then a ReLU fuses (they commute); a padded, ceil-mode, index-returning or hooked
+    pool, a pool after an unfused ReLU, and a layer used twice stay as they are."""
+    torch.manual_seed(0)
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    hooked = nn.MaxPool2d(2)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    seqs = {
+        "pool-relu": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2), nn.ReLU()), True),
+        "padded": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, padding=1)), False),
+        "ceil": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, ceil_mode=True)), False),
+        "dilated": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2)), False),
+        "hooked": (nn.Sequential(nn.Conv2d(3, 4, 3), hooked), False),
+        "avg": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2)), False),
+        "shared": (nn.Sequential(shared, nn.MaxPool2d(2), shared), False),
+    }
+
+    def at_20_percent(seq):
+        model = dst.sparsify(seq)
+        with torch.no_grad():
+            for m in model.modules():
+                if dst.is_dst_layer(m):
+                    m.threshold.copy_(torch.quantile(m.weight.abs().flatten(1), 0.8, dim=1))
+        return model.eval()
+
+    x = torch.randn(2, 3, 13, 11)
+    for name, (seq, fuses) in seqs.items():
+        model = at_20_percent(seq)
+        sparse = dst.export.to_sparse(model)
+        assert isinstance(sparse[0], SparseConv2d), name
+        assert (sparse[0].pool_kernel_size is not None) == fuses, name
+        assert isinstance(sparse[1], nn.Identity) == fuses, name
+        with torch.no_grad():
+            assert_close_rel(sparse(x), dst.export.fold(model)(x), tol_for(torch.float32), name)
+    # no ReLU fused: the pool after it stays
+    seq = at_20_percent(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2)))
+    sparse = dst.export.to_sparse(seq, fuse_relu=False)
+    assert [type(m) for m in sparse] == [SparseConv2d, nn.ReLU, nn.MaxPool2d]
+
+
+def test_sparse_conv2d_fused_arguments_and_old_pickles():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, 3, 3)
+    sparse = SparseConv2d.from_dense(weight * (weight.abs() > 1.2))
+    crow, col, values = sparse.crow_indices, sparse.col_indices, sparse.values
+    made = SparseConv2d(3, 5, 3, crow, col, values, relu=True, pool_kernel_size=3)
+    assert made.pool_kernel_size == (3, 3) and made.pool_stride == (3, 3)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        SparseConv2d(3, 5, 3, crow, col, values, relu=1)
+    with pytest.raises(ValueError, match="pool_stride needs pool_kernel_size"):
+        SparseConv2d(3, 5, 3, crow, col, values, pool_stride=2)
+    for bad in (0, (2, 0), (2,), 1.5, True):
+        with pytest.raises(ValueError, match="pool_kernel_size must be a positive int"):
+            SparseConv2d(3, 5, 3, crow, col, values, pool_kernel_size=bad)
+    # A module pickled before the fused attributes existed runs unfused (the class defaults).
+    for name in ("relu", "pool_kernel_size", "pool_stride"):
+        del made.__dict__[name]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(made(x), sparse(x))
 
 
 def test_sparse_conv2d_state_dict_compile_and_files(tmp_path):

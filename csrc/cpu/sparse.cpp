@@ -1357,10 +1357,148 @@ ConvShape shape_of(const char* op, at::IntArrayRef x, int64_t oc, int64_t kh, in
   return s;
 }
 
+// The fused epilogue of dst_sparse_conv2d: max_pool2d (window kh x kw, stride sh x sw, no
+// padding, floor) of the ReLU of y [planes, oh, ow] into out [planes, ph, pw]. The maximum
+// propagates NaN as max_pool2d does; the ReLU keeps NaN as torch.relu does, and since both are
+// monotone the ReLU is applied once, to each window's maximum.
+#ifdef DST_AVX512_COMPRESS
+// A float 2 x 2 window, stride 2, on AVX-512: per plane, the larger of each pair of rows into
+// `pair` ([ph, 2 pw], contiguous), then of each even / odd pair of its columns, 16 outputs at
+// a time (masked past the ends). The larger of two lanes is NaN when either is.
+__attribute__((target("avx512f"))) void relu_max_pool_2x2_avx512(const float* src, int64_t oh,
+                                                                 int64_t ow, bool relu, float* pair,
+                                                                 float* dst) {
+  const int64_t ph = oh / 2, pw = ow / 2, wide = 2 * pw;
+  auto nan_max = [](__m512 a, __m512 b) {
+    return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+  };
+  auto upto = [](int64_t m) {
+    return m >= 16 ? __mmask16(0xFFFF) : m <= 0 ? __mmask16(0) : __mmask16((1u << m) - 1);
+  };
+  for (int64_t i = 0; i < ph; ++i) {
+    const float* row = src + 2 * i * ow;
+    for (int64_t k = 0; k < wide; k += 16) {
+      const __mmask16 m = upto(wide - k);
+      const __m512 a = _mm512_maskz_loadu_ps(m, row + k);
+      const __m512 c = _mm512_maskz_loadu_ps(m, row + ow + k);
+      _mm512_mask_storeu_ps(pair + i * wide + k, m, nan_max(a, c));
+    }
+  }
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t outs = ph * pw;
+  for (int64_t q = 0; q < outs; q += 16) {
+    const int64_t left = outs - q;
+    const __m512 lo = _mm512_maskz_loadu_ps(upto(2 * left), pair + 2 * q);
+    const __m512 hi = _mm512_maskz_loadu_ps(upto(2 * left - 16), pair + 2 * q + 16);
+    __m512 v = nan_max(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+    if (relu) {
+      // Negatives to zero; NaN (unordered) kept.
+      v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+    }
+    _mm512_mask_storeu_ps(dst + q, upto(left), v);
+  }
+}
+#endif
+
+// The fused epilogue of dst_sparse_conv2d: max_pool2d (window kh x kw, stride sh x sw, no
+// padding, floor) of the ReLU of y [planes, oh, ow] into out [planes, ph, pw]. The maximum
+// propagates NaN as max_pool2d does; the ReLU keeps NaN as torch.relu does, and since both are
+// monotone the ReLU is applied once, to each window's maximum.
+// m <= 16 floats from p into a vector (the rest zero), and back.
+inline __attribute__((always_inline)) vf16 load_upto16(const float* p, int64_t m) {
+  vf16 v = {};
+  std::memcpy(&v, p, sizeof(float) * std::clamp<int64_t>(m, 0, 16));
+  return v;
+}
+inline __attribute__((always_inline)) void store_upto16(float* p, vf16 v, int64_t m) {
+  std::memcpy(p, &v, sizeof(float) * std::clamp<int64_t>(m, 0, 16));
+}
+// The larger lane of a and b, NaN if either is NaN (as max_pool2d propagates it).
+inline __attribute__((always_inline)) vf16 nan_max16(vf16 a, vf16 b) {
+  return (b > a) | (b != b) ? b : a;
+}
+
+// A float 2 x 2 window, stride 2: per plane, the larger of each pair of rows into `pair`
+// ([ph, 2 pw], contiguous), then of each even / odd pair of its columns, 16 outputs at a time.
+void relu_max_pool_2x2(const float* src, int64_t oh, int64_t ow, bool relu, float* pair,
+                       float* dst) {
+  const int64_t ph = oh / 2, pw = ow / 2, wide = 2 * pw;
+  for (int64_t i = 0; i < ph; ++i) {
+    const float* row = src + 2 * i * ow;
+    for (int64_t k = 0; k < wide; k += 16) {
+      const int64_t m = std::min<int64_t>(16, wide - k);
+      store_upto16(pair + i * wide + k,
+                   nan_max16(load_upto16(row + k, m), load_upto16(row + ow + k, m)), m);
+    }
+  }
+  const vf16 zero = {};
+  const int64_t outs = ph * pw;
+  for (int64_t q = 0; q < outs; q += 16) {
+    const int64_t m = std::min<int64_t>(16, outs - q);
+    const vf16 lo = load_upto16(pair + 2 * q, 2 * m);
+    const vf16 hi = load_upto16(pair + 2 * q + 16, 2 * m - 16);
+    const vf16 even =
+        __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const vf16 odd =
+        __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    vf16 v = nan_max16(even, odd);
+    if (relu) {
+      v = v < zero ? zero : v;
+    }
+    store_upto16(dst + q, v, m);
+  }
+}
+
+// The fused epilogue of dst_sparse_conv2d: max_pool2d (window kh x kw, stride sh x sw, no
+// padding, floor) of the ReLU of y [planes, oh, ow] into out [planes, ph, pw]. The maximum
+// propagates NaN as max_pool2d does; the ReLU keeps NaN as torch.relu does, and since both are
+// monotone the ReLU is applied once, to each window's maximum.
+template <typename scalar_t>
+void relu_max_pool(const scalar_t* y, int64_t planes, int64_t oh, int64_t ow, int64_t kh,
+                   int64_t kw, int64_t sh, int64_t sw, bool relu, scalar_t* out) {
+  using T = opmath<scalar_t>;
+  const int64_t ph = (oh - kh) / sh + 1;
+  const int64_t pw = (ow - kw) / sw + 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, oh * ow));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+#ifdef DST_AVX512_COMPRESS
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (kh == 2 && kw == 2 && sh == 2 && sw == 2 && has_avx512()) {
+        std::unique_ptr<float[]> pair(new float[ph * 2 * pw]);
+        for (int64_t p = begin; p < end; ++p) {
+          relu_max_pool_2x2_avx512(y + p * oh * ow, oh, ow, relu, pair.get(), out + p * ph * pw);
+        }
+        return;
+      }
+    }
+#endif
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* src = y + p * oh * ow;
+      scalar_t* dst = out + p * ph * pw;
+      for (int64_t i = 0; i < ph; ++i) {
+        const scalar_t* row = src + i * sh * ow;
+        for (int64_t j = 0; j < pw; ++j) {
+          T m = T(row[j * sw]);
+          for (int64_t u = 0; u < kh; ++u) {
+            for (int64_t v = 0; v < kw; ++v) {
+              const T e = T(row[u * ow + j * sw + v]);
+              m = e > m || e != e ? e : m;
+            }
+          }
+          dst[i * pw + j] = scalar_t(relu_if(m, relu));
+        }
+      }
+    }
+  });
+}
+
 Tensor dst_sparse_conv2d_cpu(const Tensor& x, const Tensor& crow, const Tensor& col,
                              const Tensor& values, const std::optional<Tensor>& bias,
                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                             at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride) {
   const char* op = "dst_sparse_conv2d";
   TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ",
               x.scalar_type());
@@ -1382,8 +1520,17 @@ Tensor dst_sparse_conv2d_cpu(const Tensor& x, const Tensor& crow, const Tensor& 
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), op,
                 ": bias must have x's dtype and device");
   }
+  TORCH_CHECK(pool_kernel.size() == 2 && pool_kernel[0] >= 1 && pool_kernel[1] >= 1, op,
+              ": pool_kernel must be 2 positive sizes, got ", pool_kernel);
+  TORCH_CHECK(pool_stride.size() == 2 && pool_stride[0] >= 1 && pool_stride[1] >= 1, op,
+              ": pool_stride must be 2 positive sizes, got ", pool_stride);
   const ConvShape s =
       shape_of(op, x.sizes(), oc, kernel_size[0], kernel_size[1], stride, padding, dilation);
+  const bool pooled =
+      pool_kernel[0] > 1 || pool_kernel[1] > 1 || pool_stride[0] > 1 || pool_stride[1] > 1;
+  TORCH_CHECK(!pooled || (s.oh >= pool_kernel[0] && s.ow >= pool_kernel[1]), op,
+              ": the convolution's output of ", s.oh, " x ", s.ow,
+              " is smaller than the pool window ", pool_kernel);
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -1392,6 +1539,19 @@ Tensor dst_sparse_conv2d_cpu(const Tensor& x, const Tensor& crow, const Tensor& 
                                        col.const_data_ptr<int32_t>(),
                                        values.const_data_ptr<scalar_t>(),
                                        has_bias ? b.const_data_ptr<scalar_t>() : nullptr, s);
+        if ((pooled || relu) && y.numel() > 0) {
+          const int64_t ph = (s.oh - pool_kernel[0]) / pool_stride[0] + 1;
+          const int64_t pw = (s.ow - pool_kernel[1]) / pool_stride[1] + 1;
+          Tensor out = pooled ? at::empty({s.n, s.oc, ph, pw}, y.options()) : y;
+          relu_max_pool<scalar_t>(y.const_data_ptr<scalar_t>(), s.n * s.oc, s.oh, s.ow,
+                                  pool_kernel[0], pool_kernel[1], pool_stride[0], pool_stride[1],
+                                  relu, out.mutable_data_ptr<scalar_t>());
+          y = out;
+        } else if (pooled) {
+          y = at::empty({s.n, s.oc, (s.oh - pool_kernel[0]) / pool_stride[0] + 1,
+                         (s.ow - pool_kernel[1]) / pool_stride[1] + 1},
+                        y.options());
+        }
       });
   return y;
 }

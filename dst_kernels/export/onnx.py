@@ -14,7 +14,7 @@ import importlib.util
 
 from torch import nn
 
-from dst_kernels.export.sparse import SparseLinear
+from dst_kernels.export.sparse import SparseConv2d, SparseGRU, SparseLinear, SparseLSTM
 from dst_kernels.nn.base import is_dst_layer
 
 __all__ = ["to_onnx"]
@@ -28,11 +28,14 @@ def _check_exportable(model: nn.Module) -> None:
             f"to_onnx: the model still has DST layers ({shown}), whose masked ops ONNX has no "
             "operator for: export dst_kernels.export.fold(model) (or .compact(model)) instead"
         )
-    sparse = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-    if sparse:
+    kinds = (SparseLinear, SparseConv2d, SparseLSTM, SparseGRU)
+    found = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, kinds)]
+    if found:
+        sparse = [n or type(model).__name__ for n, _ in found]
+        names = "/".join(sorted({k for _, k in found}))
         raise ValueError(
             f"to_onnx: {', '.join(sparse[:4])} {'is a' if len(sparse) == 1 else 'are'} to_sparse "
-            "SparseLinear layer(s), whose CSR kernels are dst_kernels ops that ONNX has no operator "
+            f"{names} layer(s), whose CSR kernels are dst_kernels ops that ONNX has no operator "
             "for: export dst_kernels.export.fold(model) of the DST model instead (torch.export.export "
             "takes the to_sparse model as it is)"
         )

@@ -204,6 +204,15 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _positive_pair(name: str, v) -> tuple[int, int]:
+    ok = isinstance(v, int) or (
+        isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) for e in v)
+    )
+    if not ok or isinstance(v, bool) or min(_pair(v)) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return _pair(v)
+
+
 class SparseConv2d(_CsrModule):
     """Inference ``Conv2d`` (groups 1) on the kept weights only: ``y = conv2d(x, P) + b`` with
     ``P`` in CSR over ``[out_channels, in_channels * kh * kw]``.
@@ -211,7 +220,19 @@ class SparseConv2d(_CsrModule):
     Buffers as :class:`SparseLinear`'s. On the CPU the direct sparse convolution of
     ``dst_kernels._C`` (``dst_sparse_conv2d``) runs it; elsewhere, or without the extension,
     the weight is expanded to a dense one for ``F.conv2d``. No gradients: an inference module.
+
+    With ``relu=True`` the module computes ``relu(y)``, and with ``pool_kernel_size`` (and
+    ``pool_stride``, by default the kernel size) ``max_pool2d(relu(y), pool_kernel_size,
+    pool_stride)`` with no padding and floor sizes: the ReLU and the pool run in the
+    convolution's output pass, so the full-size output is never returned (this is how
+    :func:`to_sparse` fuses an ``nn.ReLU`` and an ``nn.MaxPool2d`` that follow the layer in an
+    ``nn.Sequential``).
     """
+
+    # The class defaults, for modules pickled before the attributes existed.
+    relu = False
+    pool_kernel_size: tuple[int, int] | None = None
+    pool_stride: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -226,11 +247,27 @@ class SparseConv2d(_CsrModule):
         padding=0,
         dilation=1,
         padding_mode: str = "zeros",
+        *,
+        relu: bool = False,
+        pool_kernel_size=None,
+        pool_stride=None,
     ):
         super().__init__()
         _check_csr_args(out_channels, crow_indices, col_indices, values, bias)
         if isinstance(padding, str):
             raise ValueError(f"padding must be integers, got {padding!r}; fold such a layer instead")
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        if pool_kernel_size is None and pool_stride is not None:
+            raise ValueError("pool_stride needs pool_kernel_size")
+        if pool_kernel_size is not None:
+            pool_kernel_size = _positive_pair("pool_kernel_size", pool_kernel_size)
+            pool_stride = (
+                pool_kernel_size if pool_stride is None else _positive_pair("pool_stride", pool_stride)
+            )
+        self.relu = relu
+        self.pool_kernel_size = pool_kernel_size
+        self.pool_stride = pool_stride
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -278,6 +315,7 @@ class SparseConv2d(_CsrModule):
             and input.dim() == 4
             and input.numel() > 0
         ):
+            pool = self.pool_kernel_size
             return _SPARSE_CONV2D(
                 input,
                 buffers["crow_indices"],
@@ -288,8 +326,11 @@ class SparseConv2d(_CsrModule):
                 self.stride,
                 padding,
                 self.dilation,
+                self.relu,
+                (1, 1) if pool is None else pool,
+                (1, 1) if pool is None else self.pool_stride,
             )
-        return F.conv2d(
+        y = F.conv2d(
             input,
             self.dense_weight().to(input.dtype),
             None if self.bias is None else self.bias.to(input.dtype),
@@ -297,12 +338,20 @@ class SparseConv2d(_CsrModule):
             padding,
             self.dilation,
         )
+        if self.relu:
+            y = torch.relu(y)
+        if self.pool_kernel_size is not None:
+            y = F.max_pool2d(y, self.pool_kernel_size, self.pool_stride)
+        return y
 
     def extra_repr(self) -> str:
+        fused = ", relu=True" if self.relu else ""
+        if self.pool_kernel_size is not None:
+            fused += f", pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"nnz={self.nnz}, density={self.density():.4f}, bias={self.bias is not None}"
+            f"nnz={self.nnz}, density={self.density():.4f}, bias={self.bias is not None}" + fused
         )
 
 
@@ -469,7 +518,11 @@ _SPARSE_OF = {
 
 @torch.no_grad()
 def to_sparse(
-    model: nn.Module, *, max_density: float = DEFAULT_MAX_DENSITY, fuse_relu: bool = True
+    model: nn.Module,
+    *,
+    max_density: float = DEFAULT_MAX_DENSITY,
+    fuse_relu: bool = True,
+    fuse_pool: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` for inference on the kept weights.
 
@@ -482,15 +535,20 @@ def to_sparse(
     The copy computes ``model``'s eval-mode function; ``model`` is unchanged.
 
     With ``fuse_relu`` (the default), an ``nn.ReLU`` that directly follows a new
-    :class:`SparseLinear` in an ``nn.Sequential`` is fused into it (``relu=True``) and its
-    slot holds an ``nn.Identity``, as ``torch.ao.quantization.fuse_modules`` does: the indices
-    of the ``Sequential`` stay, one module call and one pass over the activations go. Layers
-    used at more than one place and modules with hooks are left unfused.
+    :class:`SparseLinear` or :class:`SparseConv2d` in an ``nn.Sequential`` is fused into it
+    (``relu=True``) and its slot holds an ``nn.Identity``, as
+    ``torch.ao.quantization.fuse_modules`` does: the indices of the ``Sequential`` stay, one
+    module call and one pass over the activations go. With ``fuse_pool`` (the default), an
+    ``nn.MaxPool2d`` (no padding, dilation 1, floor sizes, no indices) that follows a new
+    :class:`SparseConv2d` (directly or after its fused ReLU) is fused the same way: the
+    layer returns the pooled output. Layers used at more than one place and modules with
+    hooks are left unfused.
     """
     if not 0.0 <= max_density <= 1.0:
         raise ValueError(f"max_density must be in [0, 1], got {max_density!r}")
-    if not isinstance(fuse_relu, bool):
-        raise TypeError(f"fuse_relu must be a bool, got {type(fuse_relu).__name__}")
+    for name, flag in (("fuse_relu", fuse_relu), ("fuse_pool", fuse_pool)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if is_dst_layer(model):
         make = _SPARSE_OF.get(type(fold(model)))
         sparse = make(model) if make is not None else None
@@ -515,8 +573,8 @@ def to_sparse(
                     continue
                 replaced[id(child)] = sparse.train(child.training)
             setattr(parent, name, replaced[id(child)])
-    if fuse_relu:
-        _fuse_relus(folded, {id(m) for m in replaced.values()})
+    if fuse_relu or fuse_pool:
+        _fuse_epilogues(folded, {id(m) for m in replaced.values()}, fuse_relu, fuse_pool)
     return folded
 
 
@@ -524,8 +582,21 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _fuse_relus(model: nn.Module, new: set[int]) -> None:
-    """Fuse every ``nn.ReLU`` that follows one of the new SparseLinear modules in a Sequential."""
+def _fusable_pool(pool: nn.Module) -> bool:
+    """An ``nn.MaxPool2d`` that the sparse convolution's epilogue computes exactly."""
+    return (
+        type(pool) is nn.MaxPool2d
+        and not _has_hooks(pool)
+        and _pair(pool.padding) == (0, 0)
+        and _pair(pool.dilation) == (1, 1)
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )
+
+
+def _fuse_epilogues(model: nn.Module, new: set[int], relu: bool, pool: bool) -> None:
+    """Fuse the ``nn.ReLU`` (and, after a SparseConv2d, the ``nn.MaxPool2d``) that follow one of
+    the new sparse modules in a Sequential into it; their slots get an ``nn.Identity``."""
     uses: dict[int, int] = {}
     for m in model.modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
@@ -533,19 +604,32 @@ def _fuse_relus(model: nn.Module, new: set[int]) -> None:
         if not isinstance(seq, nn.Sequential):
             continue
         names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
-            layer, act = seq._modules[first], seq._modules[second]
+        for i, first in enumerate(names):
+            layer = seq._modules[first]
             if (
-                type(layer) is SparseLinear
-                and id(layer) in new
-                and uses[id(layer)] == 1
-                and not layer.relu
-                and not _has_hooks(layer)
-                and type(act) is nn.ReLU
-                and not _has_hooks(act)
+                type(layer) not in (SparseLinear, SparseConv2d)
+                or id(layer) not in new
+                or uses[id(layer)] != 1
+                or _has_hooks(layer)
+                or layer.relu
+                or getattr(layer, "pool_kernel_size", None) is not None
             ):
-                layer.relu = True
-                seq._modules[second] = nn.Identity().train(act.training)
+                continue
+            for second in names[i + 1 :]:
+                nxt = seq._modules[second]
+                if relu and not layer.relu and type(nxt) is nn.ReLU and not _has_hooks(nxt):
+                    layer.relu = True
+                elif (
+                    pool
+                    and type(layer) is SparseConv2d
+                    and layer.pool_kernel_size is None
+                    and _fusable_pool(nxt)
+                ):
+                    layer.pool_kernel_size = _pair(nxt.kernel_size)
+                    layer.pool_stride = _pair(nxt.kernel_size if nxt.stride is None else nxt.stride)
+                else:
+                    break
+                seq._modules[second] = nn.Identity().train(nxt.training)
 
 
 def save_sparse(model: nn.Module, path) -> None:
