@@ -1164,17 +1164,26 @@ void prepare_grad_input(const Tensor& dy, const ConvShape& s, const Layout& l, i
 template <typename scalar_t, typename T>
 void forward_entries(const int32_t* col, const scalar_t* val, int64_t nnz, const ConvShape& s,
                      const Layout& l, int32_t* off, T* v) {
-  const int64_t kk = s.kh * s.kw;
+  // The offset of every column c * kh * kw + tap, then one lookup per entry (no division).
+  std::vector<int32_t> at_col(s.c * s.kh * s.kw);
   const int64_t phases = s.sh * s.sw;
-  for (int64_t e = 0; e < nnz; ++e) {
-    const int64_t c = col[e] / kk;
-    const int64_t tap = col[e] % kk;
-    const int64_t a = (tap / s.kw) * s.dh;
-    const int64_t b = (tap % s.kw) * s.dw;
-    const int64_t plane = c * phases + (a % s.sh) * s.sw + (b % s.sw);
-    off[e] = static_cast<int32_t>(plane * l.plane + (a / s.sh) * l.ld + (b / s.sw) * l.col);
-    v[e] = static_cast<T>(val[e]);
+  for (int64_t u = 0; u < s.kh; ++u) {
+    for (int64_t w = 0; w < s.kw; ++w) {
+      const int64_t a = u * s.dh, b = w * s.dw;
+      const int64_t phase = (a % s.sh) * s.sw + (b % s.sw);
+      const int64_t within = (a / s.sh) * l.ld + (b / s.sw) * l.col;
+      for (int64_t c = 0; c < s.c; ++c) {
+        at_col[(c * s.kh + u) * s.kw + w] =
+            static_cast<int32_t>((c * phases + phase) * l.plane + within);
+      }
+    }
   }
+  at::parallel_for(0, nnz, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      off[e] = at_col[col[e]];
+      v[e] = static_cast<T>(val[e]);
+    }
+  });
 }
 
 // dX's entries: input channel c gathers every kept (o, kh, kw) of P, flipped, in (o, tap)
@@ -1185,9 +1194,21 @@ std::vector<int32_t> grad_input_entries(const int32_t* crow, const int32_t* col,
                                         int32_t* off, T* v) {
   const int64_t kk = s.kh * s.kw;
   const int64_t nnz = crow[s.oc];
+  // The channel and the in-plane offset of every column c * kh * kw + tap (no division).
+  std::vector<int32_t> channel(s.c * kk), within(s.c * kk);
+  for (int64_t c = 0; c < s.c; ++c) {
+    for (int64_t u = 0; u < s.kh; ++u) {
+      for (int64_t w = 0; w < s.kw; ++w) {
+        const int64_t q = (c * s.kh + u) * s.kw + w;
+        channel[q] = static_cast<int32_t>(c);
+        within[q] = static_cast<int32_t>((s.keh() - 1 - u * s.dh) * l.ld +
+                                         (s.kew() - 1 - w * s.dw) * l.col);
+      }
+    }
+  }
   std::vector<int32_t> rows(s.c + 1, 0);
   for (int64_t e = 0; e < nnz; ++e) {
-    ++rows[col[e] / kk + 1];
+    ++rows[channel[col[e]] + 1];
   }
   for (int64_t c = 0; c < s.c; ++c) {
     rows[c + 1] += rows[c];
@@ -1195,12 +1216,8 @@ std::vector<int32_t> grad_input_entries(const int32_t* crow, const int32_t* col,
   std::vector<int32_t> pos(rows.begin(), rows.end() - 1);
   for (int64_t o = 0; o < s.oc; ++o) {
     for (int64_t e = crow[o]; e < crow[o + 1]; ++e) {
-      const int64_t c = col[e] / kk;
-      const int64_t tap = col[e] % kk;
-      const int64_t a = s.keh() - 1 - (tap / s.kw) * s.dh;
-      const int64_t b = s.kew() - 1 - (tap % s.kw) * s.dw;
-      const int32_t q = pos[c]++;
-      off[q] = static_cast<int32_t>(o * l.plane + a * l.ld + b * l.col);
+      const int32_t q = pos[channel[col[e]]]++;
+      off[q] = static_cast<int32_t>(o * l.plane + within[col[e]]);
       v[q] = static_cast<T>(val[e]);
     }
   }
