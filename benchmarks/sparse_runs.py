@@ -22,6 +22,7 @@ SELECT = {
     "lstm": lambda c: is_lstm(c),
     "lenet300": lambda c: c.mode == "forward" and tuple(c.shape[1:]) == (784, 300, 100),
     "linear": lambda c: c.mode != "forward" and len(c.shape) == 3,  # DSTLinear steps
+    "conv": lambda c: c.mode != "forward" and is_conv(c),  # DSTConv2d steps
     "conv-inference": lambda c: c.mode == "forward" and is_conv(c),  # LeNet-5, VGG-16
 }
 

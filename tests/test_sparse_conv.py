@@ -280,8 +280,18 @@ def test_opcheck_sparse_conv_ops():
 
 
 def test_conv_crossover():
-    for shape in [(32, 128, 128, 9, 256), (64, 20, 50, 25, 64), (1, 3, 64, 9, 1024)]:
-        assert 0.0 <= dst.sparse.conv_crossover(*shape) <= 1.0
+    # The README's table: (batch, in, out, kh * kw, oh * ow) -> density.
+    table = {
+        (8, 512, 512, 9, 4): 0.0,
+        (32, 512, 512, 9, 4): 0.05,
+        (32, 512, 512, 9, 16): 0.1,
+        (4, 20, 50, 25, 64): 0.2,
+        (32, 128, 128, 9, 256): 0.15,
+        (64, 20, 50, 25, 64): 0.25,
+        (1, 3, 64, 9, 1024): 0.25,
+    }
+    for shape, density in table.items():
+        assert dst.sparse.conv_crossover(*shape) == density, shape
 
 
 def test_dst_conv2d_module_native_matches_reference():

@@ -99,15 +99,19 @@ double sparse_crossover(int64_t tokens, int64_t in, int64_t out) {
 // Measured with `python -m benchmarks.bench_sparse --shapes N,C,H,W,out,k ...` (a DSTConv2d
 // training step, sparse path against dense path, densities 0.05 .. 0.4, single sweeps) on the
 // same 2-core machine; the values sit at or below the crossovers seen (README, "Sparse
-// convolution"). What moves it is how many outputs a kept tap feeds: few output pixels (the
-// 4 x 4 and 2 x 2 layers, batch 1) leave the per-tap cost unpaid, and the dense GEMM wins.
+// convolution"). What moves it is how many outputs a kept tap feeds: with few output
+// positions (batch x pixels: the 4 x 4 and 2 x 2 layers at small batches) the per-tap cost
+// is paid by few outputs, and the dense GEMM wins at lower densities or always.
 double sparse_conv_crossover(int64_t batch, int64_t in_channels, int64_t out_channels,
                              int64_t kernel, int64_t out_pixels) {
   (void)in_channels;
   (void)out_channels;
   const int64_t positions = batch * out_pixels;
-  if (positions < 1024) {
+  if (positions < 64) {
     return 0.0;
+  }
+  if (positions < 1024) {
+    return kernel >= 25 ? 0.2 : positions < 256 ? 0.05 : 0.1;
   }
   if (kernel >= 25 || out_pixels >= 1024) {
     return 0.25;
