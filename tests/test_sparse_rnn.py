@@ -32,6 +32,8 @@ CASES = [
     (13, 5, 3, False, True, True, 6, 2),
     (4, 16, 2, True, False, True, 3, 16),
     (2, 3, 1, False, True, True, 5, 33),
+    # The tiled transposes of h, dy, x and dx: whole 16 x 16 blocks and ragged edges.
+    (19, 37, 1, True, False, True, 5, 7),
 ]
 DENSITIES = [0.0, 0.3, 1.0]
 
@@ -126,6 +128,7 @@ def test_every_mode_equals_the_reference(cell, mode):
 def test_float32_within_tolerance(cell):
     _compare(cell, CASES[4], 0.3, dtype=torch.float32)
     _compare(cell, CASES[5], 1.0, dtype=torch.float32)
+    _compare(cell, CASES[6], 0.3, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
