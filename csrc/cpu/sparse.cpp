@@ -36,6 +36,7 @@ inline int omp_get_thread_num() { return 0; }
 #endif
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -1625,49 +1626,90 @@ int64_t saved_of(Cell cell) { return cell == Cell::kLstm ? 6 : 4; }
 
 constexpr int64_t kRowBlock = 256;
 
+// N vectors of outputs at offsets off[0 .. N - 1] of one row through its kept weights p0 .. p1,
+// all N accumulating together (N independent chains per weight); every accumulator reads y
+// (with `add`) before any is stored, so offsets may overlap.
+template <int N, typename scalar_t>
+inline __attribute__((always_inline)) void csr_vectors(const scalar_t* __restrict__ x, int64_t ldx,
+                                                       const int32_t* __restrict__ col,
+                                                       const scalar_t* __restrict__ val, int64_t p0,
+                                                       int64_t p1, scalar_t b, bool add,
+                                                       const int64_t* off,
+                                                       scalar_t* __restrict__ y) {
+  // (V from VecOf here, not a template argument: that would drop its 4-byte alignment.)
+  using V = typename VecOf<scalar_t, full_lanes<scalar_t>()>::type;
+  V acc[N];
+  for (int q = 0; q < N; ++q) {
+    if (add) {
+      acc[q] = *reinterpret_cast<const V*>(y + off[q]);
+    } else {
+      acc[q] = V{} + b;
+    }
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const scalar_t v = val[p];
+    const scalar_t* xr = x + static_cast<int64_t>(col[p]) * ldx;
+    for (int q = 0; q < N; ++q) {
+      acc[q] += v * *reinterpret_cast<const V*>(xr + off[q]);
+    }
+  }
+  for (int q = 0; q < N; ++q) {
+    *reinterpret_cast<V*>(y + off[q]) = acc[q];
+  }
+}
+
 // y[r, j0 : j0 + m] = bias[r] (or, with add, y's own values) + sum over the kept (c, v) of row r
-// of v * x[c, j0 : j0 + m]:
-// 4, then 1 vector of accumulators at a time over the row's kept weights, a scalar tail. Every
-// element sums in the row's order with separate multiplies and adds: the same in every variant.
+// of v * x[c, j0 : j0 + m]: up to 8 vectors of accumulators at a time over the row's kept
+// weights; a ragged end of a row longer than a vector is one more whole vector, its last L
+// outputs (the overlap gets the same values, in the same group as the vector it overlaps), and
+// a row shorter than a vector is scalar. Every element sums in the row's order with separate
+// multiplies and adds: the same in every variant and for any grouping.
 template <typename scalar_t>
 inline __attribute__((always_inline)) void csr_row_block_impl(
     const scalar_t* __restrict__ x, int64_t ldx, const int32_t* __restrict__ col,
     const scalar_t* __restrict__ val, int64_t p0, int64_t p1, scalar_t b, bool add, int64_t m,
     scalar_t* __restrict__ y) {
   constexpr int L = full_lanes<scalar_t>();
+  constexpr int kGroup = 8;
   using V = typename VecOf<scalar_t, L>::type;
-  int64_t j = 0;
-  for (; j + 4 * L <= m; j += 4 * L) {
-    const V* y0 = reinterpret_cast<const V*>(y + j);
-    const V bv = V{} + b;
-    V a0 = add ? y0[0] : bv, a1 = add ? y0[1] : bv, a2 = add ? y0[2] : bv, a3 = add ? y0[3] : bv;
-    for (int64_t p = p0; p < p1; ++p) {
-      const scalar_t v = val[p];
-      const V* xr = reinterpret_cast<const V*>(x + static_cast<int64_t>(col[p]) * ldx + j);
-      a0 += v * xr[0];
-      a1 += v * xr[1];
-      a2 += v * xr[2];
-      a3 += v * xr[3];
+  if (m < L) {
+    for (int64_t j = 0; j < m; ++j) {
+      scalar_t a0 = add ? y[j] : b;
+      for (int64_t p = p0; p < p1; ++p) {
+        a0 += val[p] * x[static_cast<int64_t>(col[p]) * ldx + j];
+      }
+      y[j] = a0;
     }
-    V* yr = reinterpret_cast<V*>(y + j);
-    yr[0] = a0;
-    yr[1] = a1;
-    yr[2] = a2;
-    yr[3] = a3;
+    return;
   }
-  for (; j + L <= m; j += L) {
-    V a0 = add ? *reinterpret_cast<const V*>(y + j) : V{} + b;
-    for (int64_t p = p0; p < p1; ++p) {
-      a0 += val[p] * *reinterpret_cast<const V*>(x + static_cast<int64_t>(col[p]) * ldx + j);
+  const int64_t whole = m / L;
+  const int64_t vectors = whole + (whole * L != m ? 1 : 0);
+  // Groups from the end: the last holds the ragged vector and the one it overlaps.
+  int64_t end = vectors;
+  while (end > 0) {
+    const int64_t begin = std::max<int64_t>(0, end - kGroup);
+    int64_t off[kGroup];
+    for (int64_t v = begin; v < end; ++v) {
+      off[v - begin] = v < whole ? v * L : m - L;
     }
-    *reinterpret_cast<V*>(y + j) = a0;
-  }
-  for (; j < m; ++j) {
-    scalar_t a0 = add ? y[j] : b;
-    for (int64_t p = p0; p < p1; ++p) {
-      a0 += val[p] * x[static_cast<int64_t>(col[p]) * ldx + j];
+    switch (end - begin) {
+#define DST_CSR_GROUP(n)                                                \
+  case n:                                                               \
+    csr_vectors<n, scalar_t>(x, ldx, col, val, p0, p1, b, add, off, y); \
+    break;
+      DST_CSR_GROUP(1)
+      DST_CSR_GROUP(2)
+      DST_CSR_GROUP(3)
+      DST_CSR_GROUP(4)
+      DST_CSR_GROUP(5)
+      DST_CSR_GROUP(6)
+      DST_CSR_GROUP(7)
+      DST_CSR_GROUP(8)
+#undef DST_CSR_GROUP
+      default:
+        break;
     }
-    y[j] = a0;
+    end = begin;
   }
 }
 DST_CPU_MULTIVERSION(csr_row_block, csr_row_block_impl)
@@ -2000,6 +2042,35 @@ inline __attribute__((always_inline)) void store16(float* p, vf16 v, int64_t m) 
   }
 }
 
+// Runs a cell kernel over B images in vectors of 16: `compute(b, m)` reads images b .. b + m - 1
+// and returns N vectors, `store(b, out, m)` writes them. A ragged end is one more whole vector,
+// the last 16 images (overlapping the one before, with the same values), computed before any
+// vector is stored, since the kernels update their inputs in place; partial vectors (a
+// load through the stack that stalls store forwarding) only when B < 16.
+template <int N, typename Compute, typename Store>
+inline __attribute__((always_inline)) void over_vectors16(int64_t B, const Compute& compute,
+                                                          const Store& store) {
+  if (B < 16) {
+    if (B > 0) {
+      const std::array<vf16, N> out = compute(int64_t{0}, B);
+      store(int64_t{0}, out, B);
+    }
+    return;
+  }
+  const int64_t whole = B / 16 * 16;
+  std::array<vf16, N> last{};
+  if (whole != B) {
+    last = compute(B - 16, int64_t{16});
+  }
+  for (int64_t b = 0; b < whole; b += 16) {
+    const std::array<vf16, N> out = compute(b, int64_t{16});
+    store(b, out, int64_t{16});
+  }
+  if (whole != B) {
+    store(B - 16, last, int64_t{16});
+  }
+}
+
 inline __attribute__((always_inline)) vf16 sigmoid16(vf16 x) { return 1.0f / (1.0f + exp16(-x)); }
 inline __attribute__((always_inline)) vf16 tanh16(vf16 x) {
   return 2.0f / (1.0f + exp16(-2.0f * x)) - 1.0f;
@@ -2029,20 +2100,23 @@ inline __attribute__((always_inline)) void lstm_unit_impl(scalar_t* __restrict__
                                                           scalar_t* __restrict__ h, int64_t B) {
   int64_t b = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; b < B; b += 16) {
-      const int64_t m = std::min<int64_t>(16, B - b);
-      vf16 v[5];
-      load_unit16(o, hb, cp, b, m, v);
-      const vf16 i = sigmoid16(v[0]), f = sigmoid16(v[1]), g = tanh16(v[2]), og = sigmoid16(v[3]);
-      const vf16 c = f * v[4] + i * g;
-      const vf16 tc = tanh16(c);
-      const vf16 hv = og * tc;
-      const vf16 out[6] = {i, f, g, og, c, tc};
-      for (int q = 0; q < 6; ++q) {
-        store16(o + q * hb + b, out[q], m);
-      }
-      store16(h + b, hv, m);
-    }
+    over_vectors16<7>(
+        B,
+        [&](int64_t b, int64_t m) __attribute__((always_inline)) {
+          vf16 v[5];
+          load_unit16(o, hb, cp, b, m, v);
+          const vf16 i = sigmoid16(v[0]), f = sigmoid16(v[1]), g = tanh16(v[2]);
+          const vf16 og = sigmoid16(v[3]);
+          const vf16 c = f * v[4] + i * g;
+          const vf16 tc = tanh16(c);
+          return std::array<vf16, 7>{i, f, g, og, c, tc, og * tc};
+        },
+        [&](int64_t b, const std::array<vf16, 7>& out, int64_t m) __attribute__((always_inline)) {
+          for (int q = 0; q < 6; ++q) {
+            store16(o + q * hb + b, out[q], m);
+          }
+          store16(h + b, out[6], m);
+        });
     return;
   }
   for (; b < B; ++b) {
@@ -2070,19 +2144,21 @@ inline __attribute__((always_inline)) void gru_unit_impl(scalar_t* __restrict__ 
                                                          scalar_t* __restrict__ h, int64_t B) {
   int64_t b = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; b < B; b += 16) {
-      const int64_t m = std::min<int64_t>(16, B - b);
-      vf16 v[5];
-      load_unit16(o, hb, hp, b, m, v);
-      const vf16 r = sigmoid16(v[0]), z = sigmoid16(v[1]);
-      const vf16 n = tanh16(v[2] + r * v[3]);
-      const vf16 hv = n + z * (v[4] - n);
-      const vf16 out[3] = {r, z, n};
-      for (int q = 0; q < 3; ++q) {
-        store16(o + q * hb + b, out[q], m);
-      }
-      store16(h + b, hv, m);
-    }
+    over_vectors16<4>(
+        B,
+        [&](int64_t b, int64_t m) __attribute__((always_inline)) {
+          vf16 v[5];
+          load_unit16(o, hb, hp, b, m, v);
+          const vf16 r = sigmoid16(v[0]), z = sigmoid16(v[1]);
+          const vf16 n = tanh16(v[2] + r * v[3]);
+          return std::array<vf16, 4>{r, z, n, n + z * (v[4] - n)};
+        },
+        [&](int64_t b, const std::array<vf16, 4>& out, int64_t m) __attribute__((always_inline)) {
+          for (int q = 0; q < 3; ++q) {
+            store16(o + q * hb + b, out[q], m);
+          }
+          store16(h + b, out[3], m);
+        });
     return;
   }
   for (; b < B; ++b) {
@@ -2122,18 +2198,24 @@ inline __attribute__((always_inline)) void lstm_unit_grad_impl(
     const scalar_t* __restrict__ dh, const scalar_t* __restrict__ gy, scalar_t* __restrict__ dc,
     scalar_t* __restrict__ d, int64_t ldd, int64_t B) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (int64_t b = 0; b < B; b += 16) {
-      const int64_t m = std::min<int64_t>(16, B - b);
-      const vf16 dhj = load16(dh + b, m) + (gy != nullptr ? load16(gy + b, m) : vf16{});
-      const vf16 i = load16(o + b, m), f = load16(o + hb + b, m), g = load16(o + 2 * hb + b, m);
-      const vf16 og = load16(o + 3 * hb + b, m), tc = load16(o + 5 * hb + b, m);
-      const vf16 dcj = load16(dc + b, m) + dhj * og * (1.0f - tc * tc);
-      store16(d + b, dcj * g * i * (1.0f - i), m);
-      store16(d + ldd + b, dcj * load16(cp + b, m) * f * (1.0f - f), m);
-      store16(d + 2 * ldd + b, dcj * i * (1.0f - g * g), m);
-      store16(d + 3 * ldd + b, dhj * tc * og * (1.0f - og), m);
-      store16(dc + b, dcj * f, m);
-    }
+    over_vectors16<5>(
+        B,
+        [&](int64_t b, int64_t m) __attribute__((always_inline)) {
+          const vf16 dhj = load16(dh + b, m) + (gy != nullptr ? load16(gy + b, m) : vf16{});
+          const vf16 i = load16(o + b, m), f = load16(o + hb + b, m);
+          const vf16 g = load16(o + 2 * hb + b, m), og = load16(o + 3 * hb + b, m);
+          const vf16 tc = load16(o + 5 * hb + b, m);
+          const vf16 dcj = load16(dc + b, m) + dhj * og * (1.0f - tc * tc);
+          return std::array<vf16, 5>{
+              dcj * g * i * (1.0f - i), dcj * load16(cp + b, m) * f * (1.0f - f),
+              dcj * i * (1.0f - g * g), dhj * tc * og * (1.0f - og), dcj * f};
+        },
+        [&](int64_t b, const std::array<vf16, 5>& out, int64_t m) __attribute__((always_inline)) {
+          for (int q = 0; q < 4; ++q) {
+            store16(d + q * ldd + b, out[q], m);
+          }
+          store16(dc + b, out[4], m);
+        });
     return;
   }
   if (gy != nullptr) {
@@ -2175,22 +2257,26 @@ inline __attribute__((always_inline)) void gru_unit_grad_impl(
     const scalar_t* __restrict__ dh, const scalar_t* __restrict__ gy, scalar_t* __restrict__ di,
     scalar_t* __restrict__ dr, int64_t ldd, scalar_t* __restrict__ dd, int64_t B) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (int64_t b = 0; b < B; b += 16) {
-      const int64_t m = std::min<int64_t>(16, B - b);
-      const vf16 dhj = load16(dh + b, m) + (gy != nullptr ? load16(gy + b, m) : vf16{});
-      const vf16 r = load16(o + b, m), z = load16(o + hb + b, m), n = load16(o + 2 * hb + b, m);
-      const vf16 hn = load16(o + 3 * hb + b, m);
-      const vf16 dnp = dhj * (1.0f - z) * (1.0f - n * n);
-      const vf16 drp = dnp * hn * r * (1.0f - r);
-      const vf16 dzp = dhj * (load16(hp + b, m) - n) * z * (1.0f - z);
-      store16(di + b, drp, m);
-      store16(di + ldd + b, dzp, m);
-      store16(di + 2 * ldd + b, dnp, m);
-      store16(dr + b, drp, m);
-      store16(dr + ldd + b, dzp, m);
-      store16(dr + 2 * ldd + b, dnp * r, m);
-      store16(dd + b, dhj * z, m);
-    }
+    over_vectors16<5>(
+        B,
+        [&](int64_t b, int64_t m) __attribute__((always_inline)) {
+          const vf16 dhj = load16(dh + b, m) + (gy != nullptr ? load16(gy + b, m) : vf16{});
+          const vf16 r = load16(o + b, m), z = load16(o + hb + b, m);
+          const vf16 n = load16(o + 2 * hb + b, m), hn = load16(o + 3 * hb + b, m);
+          const vf16 dnp = dhj * (1.0f - z) * (1.0f - n * n);
+          const vf16 drp = dnp * hn * r * (1.0f - r);
+          const vf16 dzp = dhj * (load16(hp + b, m) - n) * z * (1.0f - z);
+          return std::array<vf16, 5>{drp, dzp, dnp, dnp * r, dhj * z};
+        },
+        [&](int64_t b, const std::array<vf16, 5>& out, int64_t m) __attribute__((always_inline)) {
+          for (int q = 0; q < 3; ++q) {
+            store16(di + q * ldd + b, out[q], m);
+          }
+          store16(dr + b, out[0], m);
+          store16(dr + ldd + b, out[1], m);
+          store16(dr + 2 * ldd + b, out[3], m);
+          store16(dd + b, out[4], m);
+        });
     return;
   }
   if (gy != nullptr) {
