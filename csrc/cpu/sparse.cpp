@@ -1998,6 +1998,10 @@ const scalar_t* data_or_null(const std::optional<Tensor>& t) {
 
 // ----------------------------------------------------------------------------- the cells
 
+// The cells contract a * b + c into fused multiply-adds where the variant has them (AVX2,
+// AVX-512): the exp polynomial is most of a cell's work.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
 // exp over 16 floats (Cephes' expf: 2^n times a degree-7 polynomial of the remainder, about 1
 // ulp); NaN stays NaN. Inputs are clamped to [-80, 80], where the gates saturate anyway.
 inline __attribute__((always_inline)) vf16 exp16(vf16 x) {
@@ -2290,6 +2294,7 @@ inline __attribute__((always_inline)) void gru_unit_grad_impl(
   }
 }
 DST_CPU_MULTIVERSION(gru_unit_grad, gru_unit_grad_impl)
+#pragma GCC pop_options
 
 // f(j) for every unit j of a [units, B] block, in parallel over units.
 template <typename F>
