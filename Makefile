@@ -66,11 +66,15 @@ test: $(VENV)/.built
 # The suite again under other numerics: ATen's non-vectorised kernels (other summation
 # orders), one thread, and the project's CPU kernels on their portable (non-AVX) build. What
 # the tests assert must hold for every summation order, so both runs must pass.
+# Inductor's FX graph cache keys on the thread count but not on ATEN_CPU_CAPABILITY: a graph
+# compiled with AVX-512 vectors by a one-thread `make test` would be reloaded here and its C++
+# rebuilt without the vector headers. The run gets an inductor cache of its own.
 PERTURBED_ENV := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 DST_KERNELS_CPU_ISA=portable
 test-perturbed: $(VENV)/.built
 	@env $(PERTURBED_ENV) $(PY) -c "from dst_kernels import _ops; isa = _ops.cpu_isa(); \
 	assert isa in (None, 'portable'), isa; print('make: CPU kernels', isa, '- ATen', __import__('torch').backends.cpu.get_cpu_capability())"
-	@env $(PERTURBED_ENV) $(PY) -m pytest -q tests; rc=$$?; \
+	@cache=$$(mktemp -d); env $(PERTURBED_ENV) TORCHINDUCTOR_CACHE_DIR=$$cache $(PY) -m pytest -q tests; \
+	rc=$$?; rm -rf $$cache; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # A wheel and an sdist in dist/ (the wheel's extension is built against .venv's torch), and a
