@@ -109,7 +109,9 @@ TORCH_LIBRARY(dst_kernels, m) {
       "relu=False, int[2] pool_kernel=[1, 1], int[2] pool_stride=[1, 1]) -> Tensor");
   // One LSTM / GRU layer and direction (mode "lstm" | "gru"; PyTorch's gate order; x is
   // [steps, batch, input], h0 / c0 [batch, hidden]; c0 only for the LSTM). dst_sparse_rnn:
-  // inference on the CSR of the gate matrices, returns (y, h_n, c_n). dst_sparse_rnn_train: on
+  // inference on the CSR of the gate matrices, returns (y, h_n, c_n); with feature_major, y
+  // has strides [batch, 1, steps * batch] (h^T as the kernel writes it; an x laid out so is
+  // read without a copy: what a stack of layers passes on). dst_sparse_rnn_train: on
   // the masked gate matrices P_ih, P_hh (each multiplied through its CSR below the density
   // crossover, else dense), returns (y, h_n, c_n, saved); dst_sparse_rnn_backward returns (dx,
   // dh0, dc0, dP_ih, dP_hh, db_ih, db_hh), dx empty unless input_grad. c_n / dc0 are empty for
@@ -117,8 +119,8 @@ TORCH_LIBRARY(dst_kernels, m) {
   m.def(
       "dst_sparse_rnn(Tensor x, Tensor h0, Tensor? c0, Tensor ih_crow_indices, Tensor "
       "ih_col_indices, Tensor ih_values, Tensor hh_crow_indices, Tensor hh_col_indices, Tensor "
-      "hh_values, Tensor? bias_ih, Tensor? bias_hh, str mode, bool reverse=False) -> (Tensor, "
-      "Tensor, Tensor)");
+      "hh_values, Tensor? bias_ih, Tensor? bias_hh, str mode, bool reverse=False, bool "
+      "feature_major=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "dst_sparse_rnn_train(Tensor x, Tensor h0, Tensor? c0, Tensor weight_ih, Tensor "
       "weight_hh, Tensor? bias_ih, Tensor? bias_hh, str mode, bool reverse=False) -> (Tensor, "

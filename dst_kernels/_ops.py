@@ -237,9 +237,14 @@ def _register_sparse_rnn() -> None:
         bias_hh,
         mode,
         reverse=False,
+        feature_major=False,
     ):
         torch._check(x.dim() == 3, lambda: "dst_sparse_rnn: x must be [steps, batch, input_size]")
-        return _rnn_fake_outputs(x, h0, c0, h0.shape[1], mode)
+        y, h_n, c_n = _rnn_fake_outputs(x, h0, c0, h0.shape[1], mode)
+        if feature_major:  # a view of h^T [hidden, steps * batch]
+            steps, batch = x.shape[0], x.shape[1]
+            y = x.new_empty_strided((steps, batch, h0.shape[1]), (batch, 1, steps * batch))
+        return y, h_n, c_n
 
     @torch.library.register_fake("dst_kernels::dst_sparse_rnn_train")
     def _dst_sparse_rnn_train_fake(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, mode, reverse=False):

@@ -275,11 +275,25 @@ def rnn_layer(
     return y, h_n, c_n
 
 
-def rnn_layers(input, hx, layer, *, mode, num_layers, bidirectional, batch_first, hidden_size, dropout=0.0):
+def rnn_layers(
+    input,
+    hx,
+    layer,
+    *,
+    mode,
+    num_layers,
+    bidirectional,
+    batch_first,
+    hidden_size,
+    dropout=0.0,
+    pass_feature_major=False,
+):
     """``nn.LSTM`` / ``nn.GRU``'s walk over layers and directions around ``layer``.
 
     ``layer(suffix, x, h0, c0, reverse) -> (y, h_n, c_n)`` runs one layer and direction
     (``suffix`` names its weights, e.g. ``"_l1_reverse"``; x is ``[steps, batch, features]``).
+    With ``pass_feature_major`` (one direction, no dropout) every layer but the last is called
+    with ``feature_major=True`` as well: its y may be laid out as the next layer reads it.
     ``input`` is batched (3-D, ``batch_first`` as given) or unbatched (2-D); ``hx`` is None,
     ``h0`` (GRU) or ``(h0, c0)`` (LSTM), shaped as PyTorch's. ``dropout`` (training only) is
     applied between layers. Returns what ``nn.LSTM`` / ``nn.GRU`` return.
@@ -303,13 +317,13 @@ def rnn_layers(input, hx, layer, *, mode, num_layers, bidirectional, batch_first
                 raise RuntimeError(f"Expected hidden size {expected} for {name}, got {tuple(h.shape)}")
     layer_in = x.contiguous()
     hs, cs = [], []
+    inner = pass_feature_major and directions == 1 and not dropout
     for k in range(num_layers):
         outs = []
         for d in range(directions):
             i = k * directions + d
-            y, h_n, c_n = layer(
-                f"_l{k}" + ("_reverse" if d else ""), layer_in, h0[i], c0[i] if lstm else None, bool(d)
-            )
+            args = (f"_l{k}" + ("_reverse" if d else ""), layer_in, h0[i], c0[i] if lstm else None, bool(d))
+            y, h_n, c_n = layer(*args, feature_major=True) if inner and k < num_layers - 1 else layer(*args)
             outs.append(y)
             hs.append(h_n)
             cs.append(c_n)

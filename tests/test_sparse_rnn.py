@@ -255,6 +255,41 @@ def test_the_inference_op_equals_the_training_op(cell, reverse):
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 3, 6, 7), (3, 17, 1, 5), (1, 4, 9, 2), (7, 2, 3, 1)])
+def test_the_feature_major_hand_off(cell, shape):
+    """y with feature_major is the same values laid out as h^T ([batch, 1, steps * batch]
+    strides), and a layer reading it as x computes what it computes from a contiguous x."""
+    steps, batch, n_in, hidden = shape
+    torch.manual_seed(0)
+    g = 4 if cell == "lstm" else 3
+    x, h0 = torch.randn(steps, batch, n_in), torch.randn(batch, hidden)
+    c0 = torch.randn(batch, hidden) if cell == "lstm" else None
+    zero = torch.zeros(g * hidden)
+    csr = [*ops.dst_sparse_mask(torch.randn(g * hidden, n_in) * (torch.rand(g * hidden, n_in) < 0.4), zero)]
+    csr += [
+        *ops.dst_sparse_mask(torch.randn(g * hidden, hidden) * (torch.rand(g * hidden, hidden) < 0.4), zero)
+    ]
+    csr2 = [
+        *ops.dst_sparse_mask(torch.randn(g * hidden, hidden) * (torch.rand(g * hidden, hidden) < 0.4), zero)
+    ]
+    csr2 += csr[3:]
+    b = torch.randn(g * hidden)
+    y, h_n, c_n = ops.dst_sparse_rnn(x, h0, c0, *csr, b, b, cell, False)
+    y_fm, h_fm, c_fm = ops.dst_sparse_rnn(x, h0, c0, *csr, b, b, cell, False, True)
+    # h_n owns its values (a hidden size or batch of 1 once returned a view of a freed buffer)
+    assert torch.equal(h_n, y[-1])
+    assert torch.equal(y_fm, y) and torch.equal(h_fm, h_n) and torch.equal(c_fm, c_n)
+    assert y_fm.stride() == (batch, 1, steps * batch)
+    assert y_fm.is_contiguous() == (steps * batch == 1 or hidden == 1)
+    for reverse in (False, True):
+        want = ops.dst_sparse_rnn(y.contiguous(), h0, c0, *csr2, b, None, cell, reverse)
+        got = ops.dst_sparse_rnn(y_fm, h0, c0, *csr2, b, None, cell, reverse)
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
+    torch.library.opcheck(ops.dst_sparse_rnn, (y_fm, h0, c0, *csr2, b, None, cell, True, True))
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
 def test_opcheck(cell):
     g = 4 if cell == "lstm" else 3
     x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)

@@ -1626,31 +1626,55 @@ int64_t saved_of(Cell cell) { return cell == Cell::kLstm ? 6 : 4; }
 
 constexpr int64_t kRowBlock = 256;
 
-// N vectors of outputs at offsets off[0 .. N - 1] of one row through its kept weights p0 .. p1,
-// all N accumulating together (N independent chains per weight); every accumulator reads y
-// (with `add`) before any is stored, so offsets may overlap.
+// One source of a row product: the kept weights p0 .. p1 (columns col, values val) of a row
+// over the rows of x (row stride ldx).
+template <typename scalar_t>
+struct RowSource {
+  const scalar_t* x = nullptr;
+  int64_t ldx = 0;
+  const int32_t* col = nullptr;
+  const scalar_t* val = nullptr;
+  int64_t p0 = 0, p1 = 0;
+};
+
+// The start of every output of a row product: init's value (plus b where b is not 0: an added
+// zero would turn a -0 into +0), or b without init.
+template <typename scalar_t>
+inline __attribute__((always_inline)) scalar_t row_start(const scalar_t* init, int64_t j,
+                                                         scalar_t b) {
+  return init == nullptr ? b : (b != scalar_t(0) ? init[j] + b : init[j]);
+}
+
+// N vectors of outputs at offsets off[0 .. N - 1] of one row through the kept weights of a,
+// then those of c, all N accumulating together (N independent chains per weight); every
+// accumulator reads init before any is stored, so offsets may overlap and init may be y.
 template <int N, typename scalar_t>
-inline __attribute__((always_inline)) void csr_vectors(const scalar_t* __restrict__ x, int64_t ldx,
-                                                       const int32_t* __restrict__ col,
-                                                       const scalar_t* __restrict__ val, int64_t p0,
-                                                       int64_t p1, scalar_t b, bool add,
-                                                       const int64_t* off,
-                                                       scalar_t* __restrict__ y) {
+inline __attribute__((always_inline)) void csr_vectors(RowSource<scalar_t> a, RowSource<scalar_t> c,
+                                                       const scalar_t* init, scalar_t b,
+                                                       const int64_t* off, scalar_t* y) {
   // (V from VecOf here, not a template argument: that would drop its 4-byte alignment.)
   using V = typename VecOf<scalar_t, full_lanes<scalar_t>()>::type;
   V acc[N];
   for (int q = 0; q < N; ++q) {
-    if (add) {
-      acc[q] = *reinterpret_cast<const V*>(y + off[q]);
-    } else {
+    if (init == nullptr) {
       acc[q] = V{} + b;
+    } else {
+      acc[q] = *reinterpret_cast<const V*>(init + off[q]);
+      if (b != scalar_t(0)) {
+        acc[q] += b;
+      }
     }
   }
-  for (int64_t p = p0; p < p1; ++p) {
-    const scalar_t v = val[p];
-    const scalar_t* xr = x + static_cast<int64_t>(col[p]) * ldx;
-    for (int q = 0; q < N; ++q) {
-      acc[q] += v * *reinterpret_cast<const V*>(xr + off[q]);
+  for (const RowSource<scalar_t>& s : {a, c}) {
+    const scalar_t* __restrict__ x = s.x;
+    const int32_t* __restrict__ col = s.col;
+    const scalar_t* __restrict__ val = s.val;
+    for (int64_t p = s.p0; p < s.p1; ++p) {
+      const scalar_t v = val[p];
+      const scalar_t* xr = x + static_cast<int64_t>(col[p]) * s.ldx;
+      for (int q = 0; q < N; ++q) {
+        acc[q] += v * *reinterpret_cast<const V*>(xr + off[q]);
+      }
     }
   }
   for (int q = 0; q < N; ++q) {
@@ -1658,25 +1682,28 @@ inline __attribute__((always_inline)) void csr_vectors(const scalar_t* __restric
   }
 }
 
-// y[r, j0 : j0 + m] = bias[r] (or, with add, y's own values) + sum over the kept (c, v) of row r
-// of v * x[c, j0 : j0 + m]: up to 8 vectors of accumulators at a time over the row's kept
-// weights; a ragged end of a row longer than a vector is one more whole vector, its last L
-// outputs (the overlap gets the same values, in the same group as the vector it overlaps), and
-// a row shorter than a vector is scalar. Every element sums in the row's order with separate
-// multiplies and adds: the same in every variant and for any grouping.
+// y[j0 : j0 + m] of one output row = init's values (plus b, see row_start; b alone without
+// init) + sum over the kept (k, v) of a's row of v * a.x[k, j0 : j0 + m], then the same over
+// c's row: up to 8 vectors of accumulators at a time over both rows' kept weights; a ragged
+// end of a row longer than a vector is one more whole vector, its last L outputs (the overlap
+// gets the same values, in the same group as the vector it overlaps), and a row shorter than
+// a vector is scalar. Every element sums in the rows' order with separate multiplies and
+// adds: the same in every variant and for any grouping, and the same as a's product stored
+// and then read back as c's init.
 template <typename scalar_t>
-inline __attribute__((always_inline)) void csr_row_block_impl(
-    const scalar_t* __restrict__ x, int64_t ldx, const int32_t* __restrict__ col,
-    const scalar_t* __restrict__ val, int64_t p0, int64_t p1, scalar_t b, bool add, int64_t m,
-    scalar_t* __restrict__ y) {
+inline __attribute__((always_inline)) void csr_row_pair_impl(RowSource<scalar_t> a,
+                                                             RowSource<scalar_t> c,
+                                                             const scalar_t* init, scalar_t b,
+                                                             int64_t m, scalar_t* y) {
   constexpr int L = full_lanes<scalar_t>();
   constexpr int kGroup = 8;
-  using V = typename VecOf<scalar_t, L>::type;
   if (m < L) {
     for (int64_t j = 0; j < m; ++j) {
-      scalar_t a0 = add ? y[j] : b;
-      for (int64_t p = p0; p < p1; ++p) {
-        a0 += val[p] * x[static_cast<int64_t>(col[p]) * ldx + j];
+      scalar_t a0 = row_start(init, j, b);
+      for (const RowSource<scalar_t>& s : {a, c}) {
+        for (int64_t p = s.p0; p < s.p1; ++p) {
+          a0 += s.val[p] * s.x[static_cast<int64_t>(s.col[p]) * s.ldx + j];
+        }
       }
       y[j] = a0;
     }
@@ -1693,9 +1720,9 @@ inline __attribute__((always_inline)) void csr_row_block_impl(
       off[v - begin] = v < whole ? v * L : m - L;
     }
     switch (end - begin) {
-#define DST_CSR_GROUP(n)                                                \
-  case n:                                                               \
-    csr_vectors<n, scalar_t>(x, ldx, col, val, p0, p1, b, add, off, y); \
+#define DST_CSR_GROUP(n)                             \
+  case n:                                            \
+    csr_vectors<n, scalar_t>(a, c, init, b, off, y); \
     break;
       DST_CSR_GROUP(1)
       DST_CSR_GROUP(2)
@@ -1712,7 +1739,16 @@ inline __attribute__((always_inline)) void csr_row_block_impl(
     end = begin;
   }
 }
-DST_CPU_MULTIVERSION(csr_row_block, csr_row_block_impl)
+DST_CPU_MULTIVERSION(csr_row_pair, csr_row_pair_impl)
+
+// One source: y[r, j0 : j0 + m] = bias[r] (or, with add, y's own values) + sum over the kept
+// (c, v) of row r of v * x[c, j0 : j0 + m] (see csr_row_pair).
+template <typename scalar_t>
+inline void csr_row_block(const scalar_t* x, int64_t ldx, const int32_t* col, const scalar_t* val,
+                          int64_t p0, int64_t p1, scalar_t b, bool add, int64_t m, scalar_t* y) {
+  csr_row_pair(RowSource<scalar_t>{x, ldx, col, val, p0, p1}, RowSource<scalar_t>{},
+               add ? static_cast<const scalar_t*>(y) : nullptr, add ? scalar_t(0) : b, m, y);
+}
 
 // y = A x (+ bias) for A [rows, k] in CSR and x [k, n] (row stride ldx), y [rows, n] (ldy):
 // parallel over (row, block of kRowBlock columns).
@@ -2395,18 +2431,18 @@ Tensor transposed_copy(const Tensor& a) {
   return out;
 }
 
-// The forward of one layer and direction. x is [T, B, I] contiguous; writes h^T [H, T * B]
+// The forward of one layer and direction. xt is x^T [I, T * B] contiguous; writes h^T [H, T * B]
 // and, with `gates` non-null, every step's gates ([T, S, B]; else two step buffers).
 // Returns (h_n, c_n) as [B, H].
 template <typename scalar_t>
-std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const Tensor& h0,
+std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& xt, const Tensor& h0,
                                       const Tensor& c0, const Product<scalar_t>& ih,
                                       const Product<scalar_t>& hh, const scalar_t* b_ih,
                                       const scalar_t* b_hh, bool reverse, scalar_t* ht,
                                       scalar_t* gates) {
   const int64_t T = s.steps, B = s.batch, H = s.hidden, G = s.gates(), S = s.saved_rows();
   const int64_t TB = T * B;
-  const auto opt = x.options();
+  const auto opt = xt.options();
   const bool lstm = s.cell == Cell::kLstm;
   if (T == 0) {
     return {h0.clone(), lstm ? c0.clone() : at::empty({0}, opt)};
@@ -2419,7 +2455,6 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
   } else if (b_ih != nullptr || (lstm && b_hh != nullptr)) {
     bias = at::from_blob(const_cast<scalar_t*>(b_ih != nullptr ? b_ih : b_hh), {G}, opt).clone();
   }
-  const Tensor xt = transposed_copy(x.view({TB, s.in}));  // [I, T * B]
   const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   // Through the CSR each step multiplies its own x_t straight into its gates; dense, the input
   // projection of all the steps is one GEMM, step-major ([T, G, B]) so that a step reads a block.
@@ -2463,8 +2498,12 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     std::vector<scalar_t> h1(B == 1 ? 2 * H : 0);
     // (The steps padded to whole vectors: no scalar tail in the product.)
     const int64_t Tp = (T + 15) / 16 * 16;
-    std::vector<scalar_t> gx1(B == 1 && ih_csr ? G * Tp : 0);
-    if (!gx1.empty()) {
+    // (Computed [G, Tp], read step-major: [Tp, G], a step's input parts contiguous.)
+    Tensor gx1t;
+    const scalar_t* gx1p = nullptr;
+    if (B == 1 && ih_csr) {
+      Tensor gx1 = at::empty({G, Tp}, opt);
+      scalar_t* gx1w = gx1.mutable_data_ptr<scalar_t>();
       Tensor xpad = at::zeros({s.in, Tp}, opt);
       xpad.narrow(1, 0, T).copy_(xt);
       const scalar_t* xpp = xpad.const_data_ptr<scalar_t>();
@@ -2476,10 +2515,11 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
           const scalar_t extra = !lstm && r < 2 * H && b_hh != nullptr ? b_hh[r] : scalar_t(0);
           csr_row_block(xpp, Tp, icol, ival, static_cast<int64_t>(icrow[r]),
                         static_cast<int64_t>(icrow[r + 1]),
-                        (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, Tp,
-                        gx1.data() + r * Tp);
+                        (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, Tp, gx1w + r * Tp);
         }
       });
+      gx1t = transposed_copy(gx1);
+      gx1p = gx1t.const_data_ptr<scalar_t>();
     }
     const auto block_of = [&](int64_t k, int64_t t) {
       return gates != nullptr ? gates + t * S * B : bufp + (k % 2) * S * B;
@@ -2513,7 +2553,7 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
             for (int64_t j = j0; j < j1; ++j) {
               const int64_t r = q * H + j;
               const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
-              blk[r] = ih_csr ? gx1[r * Tp + t] : gxp[t * G + r] + extra;
+              blk[r] = ih_csr ? gx1p[t * G + r] : gxp[t * G + r] + extra;
             }
           }
           for (int64_t q = 0; q < g; ++q) {
@@ -2544,20 +2584,21 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
               const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
               scalar_t* row = blk + r * B;
               const bool to_row = lstm || q < 2;
-              if (ih_csr) {
-                csr_row_block(xtp + t * B, TB, icol, ival, static_cast<int64_t>(icrow[r]),
-                              static_cast<int64_t>(icrow[r + 1]),
-                              (bp != nullptr ? bp[r] : scalar_t(0)) + extra, false, B, row);
+              // The input part (through the CSR, or the projection's row) and, into the same
+              // accumulators, the recurrent part: one pass over the row.
+              using Src = RowSource<scalar_t>;
+              const Src inp =
+                  ih_csr ? Src{xtp + t * B, TB, icol, ival, icrow[r], icrow[r + 1]} : Src{};
+              const Src rec{hp, ldh, hcol, hval, hcrow[r], hcrow[r + 1]};
+              const scalar_t* init = ih_csr ? nullptr : gxp + (t * G + r) * B;
+              const scalar_t start = (ih_csr && bp != nullptr ? bp[r] : scalar_t(0)) + extra;
+              if (to_row) {
+                csr_row_pair(inp, rec, init, start, B, row);
               } else {
-                const scalar_t* src = gxp + (t * G + r) * B;
-                for (int64_t b = 0; b < B; ++b) {
-                  row[b] = src[b] + extra;
-                }
+                csr_row_pair(inp, Src{}, init, start, B, row);
+                csr_row_pair(rec, Src{}, static_cast<const scalar_t*>(nullptr),
+                             b_hh != nullptr ? b_hh[r] : scalar_t(0), B, blk + (3 * H + j) * B);
               }
-              csr_row_block(hp, ldh, hcol, hval, static_cast<int64_t>(hcrow[r]),
-                            static_cast<int64_t>(hcrow[r + 1]),
-                            !to_row && b_hh != nullptr ? b_hh[r] : scalar_t(0), to_row, B,
-                            to_row ? row : blk + (3 * H + j) * B);
             }
           }
         }
@@ -2635,10 +2676,13 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& x, const 
     }
   }
   const int64_t last = reverse ? 0 : T - 1;
+  // (Copies, always: ht and the step buffers are not owned by these views, and contiguous()
+  // would return the view itself where H or B is 1.)
   const Tensor htv = at::from_blob(ht, {H, T, B}, opt);
-  Tensor h_n = htv.select(1, last).t().contiguous();
+  Tensor h_n = htv.select(1, last).t().clone(at::MemoryFormat::Contiguous);
   Tensor c_n =
-      lstm ? at::from_blob(sv + 4 * H * B, {H, B}, opt).t().contiguous() : at::empty({0}, opt);
+      lstm ? at::from_blob(sv + 4 * H * B, {H, B}, opt).t().clone(at::MemoryFormat::Contiguous)
+           : at::empty({0}, opt);
   return {h_n, c_n};
 }
 
@@ -2661,6 +2705,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
       check_rnn(op, cell, x_in, h0_in, c0_in, weight_ih.size(0), weight_ih.size(1),
                 weight_hh.size(0), weight_hh.size(1), weight_ih.scalar_type(), bias_ih, bias_hh);
   const Tensor x = x_in.contiguous();
+  const Tensor xt = transposed_copy(x.view({s.steps * s.batch, s.in}));  // [I, T * B]
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = cell == Cell::kLstm ? c0_in->contiguous() : Tensor();
   const Tensor pih = weight_ih.contiguous();
@@ -2675,7 +2720,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dst_sparse_rnn_train_cpu(
     const auto ih = product_of<scalar_t>(pih, TB, false);
     const auto hh = product_of<scalar_t>(phh, s.batch, false);
     last = rnn_forward<scalar_t>(
-        s, x, h0, c0, ih, hh, data_or_null<scalar_t>(bi), data_or_null<scalar_t>(bh), reverse,
+        s, xt, h0, c0, ih, hh, data_or_null<scalar_t>(bi), data_or_null<scalar_t>(bh), reverse,
         ht.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<scalar_t>());
   });
   return {outputs_of(ht, s), last.first, last.second, saved};
@@ -2685,7 +2730,7 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
     const Tensor& x_in, const Tensor& h0_in, const std::optional<Tensor>& c0_in,
     const Tensor& ih_crow, const Tensor& ih_col, const Tensor& ih_val, const Tensor& hh_crow,
     const Tensor& hh_col, const Tensor& hh_val, const std::optional<Tensor>& bias_ih,
-    const std::optional<Tensor>& bias_hh, c10::string_view mode, bool reverse) {
+    const std::optional<Tensor>& bias_hh, c10::string_view mode, bool reverse, bool feature_major) {
   const char* op = "dst_sparse_rnn";
   const Cell cell = cell_of(op, mode);
   TORCH_CHECK(x_in.dim() == 3, op, ": x must be [steps, batch, input_size], got shape ",
@@ -2698,20 +2743,29 @@ std::tuple<Tensor, Tensor, Tensor> dst_sparse_rnn_cpu(
               ": the two compressed matrices must share a dtype");
   const RnnShape s = check_rnn(op, cell, x_in, h0_in, c0_in, ih_crow.numel() - 1, x_in.size(2),
                                hh_crow.numel() - 1, hidden, ih_val.scalar_type(), bias_ih, bias_hh);
-  const Tensor x = x_in.contiguous();
+  // x^T [I, T * B]: a view when x is laid out feature-major (a previous layer's y with
+  // feature_major), else a transposed copy.
+  const Tensor x_fm = x_in.permute({2, 0, 1});
+  const Tensor xt = x_fm.is_contiguous()
+                        ? x_fm.view({s.in, s.steps * s.batch})
+                        : transposed_copy(x_in.contiguous().view({s.steps * s.batch, s.in}));
   const Tensor h0 = h0_in.contiguous();
   const Tensor c0 = cell == Cell::kLstm ? c0_in->contiguous() : Tensor();
   const auto bi = contiguous_or_none(bias_ih);
   const auto bh = contiguous_or_none(bias_hh);
-  Tensor ht = at::empty({s.hidden, s.steps * s.batch}, x.options());
+  Tensor ht = at::empty({s.hidden, s.steps * s.batch}, x_in.options());
   std::pair<Tensor, Tensor> last;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dst_sparse_rnn", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "dst_sparse_rnn", [&] {
     const auto ih = product_of_csr<scalar_t>(ih_crow, ih_col, ih_val, s.in);
     const auto hh = product_of_csr<scalar_t>(hh_crow, hh_col, hh_val, s.hidden);
-    last = rnn_forward<scalar_t>(s, x, h0, c0, ih, hh, data_or_null<scalar_t>(bi),
+    last = rnn_forward<scalar_t>(s, xt, h0, c0, ih, hh, data_or_null<scalar_t>(bi),
                                  data_or_null<scalar_t>(bh), reverse,
                                  ht.mutable_data_ptr<scalar_t>(), nullptr);
   });
+  if (feature_major) {
+    // y as a view of h^T: [T, B, H] with strides [B, 1, T * B].
+    return {ht.view({s.hidden, s.steps, s.batch}).permute({1, 2, 0}), last.first, last.second};
+  }
   return {outputs_of(ht, s), last.first, last.second};
 }
 
@@ -2761,11 +2815,11 @@ void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse, 
       }
 #pragma omp barrier
       for (int64_t j = j0; j < j1; ++j) {
-        csr_row_block(dghp + t * B, TB, tcol, tval, static_cast<int64_t>(tcrow[j]),
-                      static_cast<int64_t>(tcrow[j + 1]), scalar_t(0), !lstm, B,
-                      lstm ? dhp + j * B
-                           : static_cast<scalar_t*>(
-                                 std::memcpy(dhp + j * B, ddp + j * B, sizeof(scalar_t) * B)));
+        // dh = P_hh^T dG (the GRU's direct part first).
+        csr_row_pair(RowSource<scalar_t>{dghp + t * B, TB, tcol, tval, tcrow[j], tcrow[j + 1]},
+                     RowSource<scalar_t>{},
+                     lstm ? static_cast<const scalar_t*>(nullptr) : ddp + j * B, scalar_t(0), B,
+                     dhp + j * B);
       }
     }
   }

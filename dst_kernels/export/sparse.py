@@ -445,7 +445,8 @@ class _SparseRNN(nn.Module):
             )
         b = self._buffers
 
-        def layer(suffix, x, h0, c0, reverse):
+        def layer(suffix, x, h0, c0, reverse, feature_major=False):
+            # (feature_major: a layer's y as h^T, which the next layer reads without a copy.)
             return torch.ops.dst_kernels.dst_sparse_rnn(
                 x,
                 h0,
@@ -460,6 +461,7 @@ class _SparseRNN(nn.Module):
                 b.get("bias_hh" + suffix),
                 self._mode,
                 reverse,
+                feature_major,
             )
 
         return rnn_layers(
@@ -471,6 +473,7 @@ class _SparseRNN(nn.Module):
             bidirectional=self.bidirectional,
             batch_first=self.batch_first,
             hidden_size=self.hidden_size,
+            pass_feature_major=True,
         )
 
     def extra_repr(self) -> str:
