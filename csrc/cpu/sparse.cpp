@@ -1750,6 +1750,20 @@ inline void csr_row_block(const scalar_t* x, int64_t ldx, const int32_t* col, co
                add ? static_cast<const scalar_t*>(y) : nullptr, add ? scalar_t(0) : b, m, y);
 }
 
+// Prefetches the first m values of the rows of x (row stride ldx) that the kept weights
+// p0 .. p1 read.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* x, int64_t ldx, const int32_t* col, int64_t p0,
+                          int64_t p1, int64_t m) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t p = p0; p < p1; ++p) {
+    const scalar_t* xr = x + static_cast<int64_t>(col[p]) * ldx;
+    for (int64_t o = 0; o < m; o += kLine) {
+      __builtin_prefetch(xr + o, 0, 3);
+    }
+  }
+}
+
 // y = A x (+ bias) for A [rows, k] in CSR and x [k, n] (row stride ldx), y [rows, n] (ldy):
 // parallel over (row, block of kRowBlock columns).
 template <typename scalar_t>
@@ -2584,6 +2598,14 @@ std::pair<Tensor, Tensor> rnn_forward(const RnnShape& s, const Tensor& xt, const
               const scalar_t extra = !lstm && q < 2 && b_hh != nullptr ? b_hh[r] : scalar_t(0);
               scalar_t* row = blk + r * B;
               const bool to_row = lstm || q < 2;
+              // (The x and h rows of a row two ahead on their way into the cache: the h rows
+              // were written by every thread a step ago, the x rows long before.)
+              if (j + 2 < j1) {
+                if (ih_csr) {
+                  prefetch_rows(xtp + t * B, TB, icol, icrow[r + 2], icrow[r + 3], B);
+                }
+                prefetch_rows(hp, ldh, hcol, hcrow[r + 2], hcrow[r + 3], B);
+              }
               // The input part (through the CSR, or the projection's row) and, into the same
               // accumulators, the recurrent part: one pass over the row.
               using Src = RowSource<scalar_t>;
@@ -2815,6 +2837,9 @@ void rnn_backward_walk(const RnnShape& s, const Compressed& hh_t, bool reverse, 
       }
 #pragma omp barrier
       for (int64_t j = j0; j < j1; ++j) {
+        if (j + 2 < j1) {  // (the gate-gradient rows of a row two ahead, written by every thread)
+          prefetch_rows(dghp + t * B, TB, tcol, tcrow[j + 2], tcrow[j + 3], B);
+        }
         // dh = P_hh^T dG (the GRU's direct part first).
         csr_row_pair(RowSource<scalar_t>{dghp + t * B, TB, tcol, tval, tcrow[j], tcrow[j + 1]},
                      RowSource<scalar_t>{},
