@@ -121,8 +121,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
           grad_y, weight, t_eff, masked.defined() ? std::optional<Tensor>(masked) : std::nullopt);
     }
     if (need_w || need_t) {
-      auto [grad_w, grad_t] =
-          weight_grads(grad_2d.t().mm(x.reshape({-1, x.size(-1)})), weight, t_eff);
+      auto [grad_w, grad_t] = ops::linear_weight_grad_op().call(grad_2d, x, weight, t_eff);
       out[1] = if_needed(need_w, grad_w);
       out[2] = if_needed(need_t, grad_t);
     }

@@ -37,10 +37,23 @@ at::Tensor dst_linear_grad_input(const at::Tensor& grad_y, const at::Tensor& wei
   return grad_y.matmul(std::get<0>(ops::mask_op().call(weight, threshold, std::nullopt)));
 }
 
+// (dW, dt) from G = dY^T X: one GEMM, then the estimator pass over its buffer (the dense path
+// of every device; csrc/cpu/linear.cpp overrides it on the CPU).
+std::tuple<at::Tensor, at::Tensor> dst_linear_weight_grad(const at::Tensor& grad_y,
+                                                          const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          const at::Tensor& threshold) {
+  check_weight_grad_args("dst_linear_weight_grad", grad_y, x, weight);
+  at::Tensor g = grad_y.reshape({-1, weight.size(0)}).t().mm(x.reshape({-1, weight.size(1)}));
+  at::Tensor grad_t = ops::weight_grad_inplace_op().call(g, weight, threshold);
+  return {g, grad_t};
+}
+
 }  // namespace
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CompositeExplicitAutograd, m) {
   m.impl("dst_linear", &dst::dst_linear);
   m.impl("dst_linear_grad_input", &dst::dst_linear_grad_input);
+  m.impl("dst_linear_weight_grad", &dst::dst_linear_weight_grad);
 }

@@ -72,6 +72,13 @@ TORCH_LIBRARY(dst_kernels, m) {
   m.def(
       "dst_linear_grad_input(Tensor grad_y, Tensor weight, Tensor threshold, Tensor? masked=None) "
       "-> Tensor");
+  // (dW, dt) for the linear layer from G = dY^T X (x and grad_y flattened to rows), as
+  // dst_weight_grad(G, W, t) returns them: one GEMM and dst_weight_grad_ over its buffer on
+  // every device; on the CPU each thread runs the estimator pass over the block of G rows
+  // that its own GEMM call just wrote (the block still in its cache).
+  m.def(
+      "dst_linear_weight_grad(Tensor grad_y, Tensor x, Tensor weight, Tensor threshold) -> "
+      "(Tensor, Tensor)");
   // The sparse family (csrc/cpu/sparse.cpp). dst_sparse_mask: P = W * (|W| > t[row]) in
   // CSR, (crow_indices int32 [rows + 1], col_indices int32 [nnz], values [nnz]), rows
   // being W's first dimension and columns the rest flattened; with transpose=True the

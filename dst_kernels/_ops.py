@@ -141,6 +141,18 @@ def _register() -> None:
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         return y, torch.empty_like(weight), torch.empty_like(threshold)
 
+    if has_op("dst_linear_weight_grad"):
+
+        @torch.library.register_fake("dst_kernels::dst_linear_weight_grad")
+        def _dst_linear_weight_grad_fake(grad_y, x, weight, threshold):
+            torch._check(
+                grad_y.shape[-1] == weight.shape[0], lambda: "dst_linear_weight_grad: grad_y features"
+            )
+            torch._check(x.shape[-1] == weight.shape[1], lambda: "dst_linear_weight_grad: x features")
+            return torch.empty_like(weight, memory_format=torch.contiguous_format), torch.empty_like(
+                threshold
+            )
+
     @torch.library.register_fake("dst_kernels::dst_conv2d")
     def _dst_conv2d_fake(x, weight, threshold, bias, stride, padding, dilation, groups, min_density):
         torch._check(x.dim() == 4, lambda: "dst_conv2d: x must be 4-D")

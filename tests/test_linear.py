@@ -79,6 +79,79 @@ def test_opcheck_dst_linear(min_density):
     torch.library.opcheck(torch.ops.dst_kernels.dst_linear.default, (x, weight, threshold, None, min_density))
 
 
+# Shapes on both sides of the CPU kernel's fused-block rule (tiny layers and one thread take the
+# GEMM and then the pass; 300x784 runs one block per thread), with odd row counts.
+WEIGHT_GRAD_CASES = [
+    ((1, 1), 1),
+    ((5, 13), 7),
+    ((2, 3, 31), 17),
+    ((64, 784), 300),
+    ((3, 127), 263),
+    ((1, 400), 97),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_shape, n", WEIGHT_GRAD_CASES)
+def test_dst_linear_weight_grad_matches_the_gemm_and_the_pass(x_shape, n, dtype):
+    """(dW, dt) against the re-derivation from G = dY^T X (float64), for every thread count."""
+    k = x_shape[-1]
+    weight, threshold = make_case((n, k), dtype)
+    x = torch.randn(x_shape, dtype=torch.float64).to(dtype)
+    grad_y = torch.randn(*x_shape[:-1], n, dtype=torch.float64).to(dtype)
+    x64, g64 = x.double(), grad_y.double()
+    _, gw_ref, gt_ref = rederive(weight, threshold, g64.reshape(-1, n).t() @ x64.reshape(-1, k))
+    tol = tol_for(dtype)
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, 2, threads}):
+            torch.set_num_threads(count)
+            gw, gt = torch.ops.dst_kernels.dst_linear_weight_grad(grad_y, x, weight, threshold)
+            assert gw.shape == weight.shape and gw.is_contiguous() and gt.shape == threshold.shape
+            assert_close_rel(gw, gw_ref, tol, f"dW, {count} threads")
+            assert_close_rel(gt, gt_ref, tol * max(1.0, row_length(weight) ** 0.5), f"dt, {count} threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dst_linear_weight_grad_equals_dst_weight_grad_of_the_product():
+    """The fused op equals dst_weight_grad(dY^T X) within float64 rounding at a size that runs one
+    block per thread (the blocks' GEMM calls may sum in another order than one call)."""
+    weight, threshold = make_case((300, 784), torch.float64)
+    x = torch.randn(64, 784, dtype=torch.float64)
+    grad_y = torch.randn(64, 300, dtype=torch.float64)
+    gw, gt = torch.ops.dst_kernels.dst_linear_weight_grad(grad_y, x, weight, threshold)
+    rw, rt = torch.ops.dst_kernels.dst_weight_grad(grad_y.t() @ x, weight, threshold)
+    assert_close_rel(gw, rw, 1e-12, "dW")
+    assert_close_rel(gt, rt, 1e-12, "dt")
+
+
+def test_dst_linear_weight_grad_rejects_bad_arguments():
+    weight, threshold = make_case((7, 13), torch.float32)
+    x, g = torch.randn(5, 13), torch.randn(5, 7)
+    op = torch.ops.dst_kernels.dst_linear_weight_grad
+    with pytest.raises(RuntimeError, match="as many rows"):
+        op(torch.randn(4, 7), x, weight, threshold)
+    with pytest.raises(RuntimeError, match="grad_y must have 7 features"):
+        op(torch.randn(5, 6), x, weight, threshold)
+    with pytest.raises(RuntimeError, match="x must have 13 features"):
+        op(g, torch.randn(5, 12), weight, threshold)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(g.double(), x, weight, threshold)
+    with pytest.raises(RuntimeError, match="threshold must have shape"):
+        op(g, x, weight, threshold[:3])
+
+
+@pytest.mark.parametrize("x_shape, n", [((5, 13), 7), ((64, 784), 300)])
+def test_opcheck_dst_linear_weight_grad(x_shape, n):
+    weight, threshold = make_case((n, x_shape[-1]), torch.float32)
+    x = torch.randn(x_shape)
+    grad_y = torch.randn(*x_shape[:-1], n)
+    torch.library.opcheck(
+        torch.ops.dst_kernels.dst_linear_weight_grad.default, (grad_y, x, weight, threshold)
+    )
+
+
 # ----------------------------------------------------------------------------- triton
 
 TRITON = triton_test

@@ -19,6 +19,7 @@ EXEMPT = {
 FAMILY_OF = {
     "dst_weight_grad_": "weight_grad",
     "dst_linear_grad_input": "linear",
+    "dst_linear_weight_grad": "linear",
     "dst_conv2d_grad_input": "conv2d",
     "dst_sparse_conv2d": "sparse",
     "sparse_conv_crossover": "sparse",

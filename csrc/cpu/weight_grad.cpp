@@ -12,6 +12,7 @@
 
 #include "dst/checks.h"
 #include "dst/cpu_isa.h"
+#include "dst/cpu_kernels.h"
 #include "dst/estimator.h"
 
 namespace dst {
@@ -55,6 +56,21 @@ at::opmath_type<scalar_t> weight_grad_row(const scalar_t* g, const scalar_t* w, 
   }
 }
 
+template <typename scalar_t>
+void rows_pass(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
+               at::Tensor& grad_w, at::Tensor& grad_t, int64_t begin, int64_t end) {
+  const int64_t cols = weight.numel() / weight.size(0);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+  const scalar_t* tp = t.const_data_ptr<scalar_t>();
+  scalar_t* dwp = grad_w.mutable_data_ptr<scalar_t>();
+  scalar_t* dtp = grad_t.mutable_data_ptr<scalar_t>();
+  for (int64_t r = begin; r < end; ++r) {
+    const auto s = weight_grad_row(gp + r * cols, wp + r * cols, tp[r], dwp + r * cols, cols);
+    dtp[r] = static_cast<scalar_t>(-s);
+  }
+}
+
 // dW into grad_w (which may be g itself) and dt into grad_t.
 void weight_grad_into(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
                       at::Tensor& grad_w, at::Tensor& grad_t) {
@@ -62,18 +78,9 @@ void weight_grad_into(const at::Tensor& g, const at::Tensor& weight, const at::T
   const int64_t cols = weight.numel() / rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_weight_grad_cpu", [&] {
-        const scalar_t* gp = g.const_data_ptr<scalar_t>();
-        const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-        const scalar_t* tp = t.const_data_ptr<scalar_t>();
-        scalar_t* dwp = grad_w.mutable_data_ptr<scalar_t>();
-        scalar_t* dtp = grad_t.mutable_data_ptr<scalar_t>();
         const int64_t grain = std::max<int64_t>(1, kGrainElements / cols);
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            const auto s =
-                weight_grad_row(gp + r * cols, wp + r * cols, tp[r], dwp + r * cols, cols);
-            dtp[r] = static_cast<scalar_t>(-s);
-          }
+          rows_pass<scalar_t>(g, weight, t, grad_w, grad_t, begin, end);
         });
       });
 }
@@ -90,6 +97,13 @@ at::Tensor dst_weight_grad_inplace_cpu(at::Tensor& grad_masked, const at::Tensor
 }
 
 }  // namespace
+
+void cpu::weight_grad_rows(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
+                           at::Tensor& grad_w, at::Tensor& grad_t, int64_t begin, int64_t end) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dst_weight_grad_rows",
+      [&] { rows_pass<scalar_t>(g, weight, t, grad_w, grad_t, begin, end); });
+}
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {

@@ -29,5 +29,11 @@ namespace cpu {
 int64_t mask_into(const at::Tensor& weight, std::optional<double> min_density, at::Tensor& out,
                   at::Tensor& t_eff, int64_t* row_counts);
 
+// dst_weight_grad's pass (csrc/cpu/weight_grad.cpp) over rows [begin, end) on the calling
+// thread: dW into grad_w (which may be g itself) and dt into grad_t. g, weight, t, grad_w and
+// grad_t contiguous, one dtype; no checks.
+void weight_grad_rows(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
+                      at::Tensor& grad_w, at::Tensor& grad_t, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace dst

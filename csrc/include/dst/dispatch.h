@@ -60,6 +60,13 @@ inline const auto& linear_grad_input_op() {
   return op;
 }
 
+inline const auto& linear_weight_grad_op() {
+  static const auto op =
+      find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&)>("dst_kernels::dst_linear_weight_grad");
+  return op;
+}
+
 inline const auto& conv2d_grad_input_op() {
   static const auto op =
       find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
@@ -83,6 +90,24 @@ inline void check_grad_input_args(const char* op, const at::Tensor& grad_y,
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have ",
               weight.size(0), " features in its last dimension, got ", grad_y.sizes());
+}
+
+// dst_linear_weight_grad's arguments: a 2-D weight [out, in], grad_y with `out` and x with `in`
+// features last, as many rows as each other, one dtype and device.
+inline void check_weight_grad_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                   const at::Tensor& weight) {
+  check_linear_args(op, x, weight);
+  check_grad_input_args(op, grad_y, weight);
+  TORCH_CHECK(grad_y.numel() / weight.size(0) == x.numel() / weight.size(1), op,
+              ": grad_y and x must have as many rows, got shapes ", grad_y.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(
+      grad_y.scalar_type() == weight.scalar_type() && x.scalar_type() == weight.scalar_type(), op,
+      ": grad_y, x and weight must share a dtype, got ", grad_y.scalar_type(), ", ",
+      x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(grad_y.device() == weight.device() && x.device() == weight.device(), op,
+              ": grad_y, x and weight must be on one device, got ", grad_y.device(), ", ",
+              x.device(), " and ", weight.device());
 }
 
 // dst_linear_grad_input's `masked` (the forward's P): W's shape, dtype and device, contiguous.
