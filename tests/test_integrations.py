@@ -19,6 +19,7 @@ from torch import nn
 
 import dst_kernels as dst
 from dst_kernels.integrations._common import DSTRegulariser, exclude_thresholds_from_weight_decay_
+from dst_kernels.regulariser import add_penalty_grad_
 
 pl = pytest.importorskip("lightning.pytorch", reason="lightning is installed by make test")
 transformers = pytest.importorskip("transformers", reason="transformers is installed by make test")
@@ -63,6 +64,24 @@ def test_regulariser_gradient_is_the_losss():
     reg.add_grad(factor=torch.tensor(4.0, dtype=torch.float64))  # a GradScaler's scale
     for a, b in zip(dst.threshold_parameters(net), dst.threshold_parameters(ref)):
         assert torch.allclose(a.grad, 5 * b.grad, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_penalty_gradient_after_a_backward_is_autograds_bit_for_bit(dtype):
+    """add_penalty_grad_ after the task loss's backward (the gradients exist; the float-alpha
+    path) equals one backward of task + alpha * sparsity_loss, bit for bit, with thresholds on
+    both sides of the linear tail."""
+    net = _net(dtype)
+    with torch.no_grad():
+        net[2].threshold.copy_(torch.tensor([-30.0, 0.2, -10.0], dtype=dtype))
+    ref = copy.deepcopy(net)
+    x = torch.randn(5, 12, dtype=dtype)
+    task = net(x).square().sum()
+    task.backward()
+    add_penalty_grad_([m for m in net.modules() if dst.is_dst_layer(m)], 3e-3)
+    (ref(x).square().sum() + 3e-3 * dst.sparsity_loss(ref)).backward()
+    for a, b in zip(dst.threshold_parameters(net), dst.threshold_parameters(ref)):
+        assert torch.equal(a.grad, b.grad)
 
 
 def test_controller_gradient_is_its_penaltys():
