@@ -1,8 +1,8 @@
 // Autograd of dst_kernels::dst_mask, dst_linear and dst_conv2d, for every device, in C++:
 // one dispatcher call per layer and no Python in the training step. Each backward saves
 // x, W and the effective thresholds (the linear backward on the CPU also P): P is
-// recomputed where it is not saved (and only when dX is needed),
-// and dW is written over the weight gradient's own buffer by dst_weight_grad_.
+// recomputed where it is not saved (and only when dX is needed). dW is written over the
+// weight gradient's own buffer by dst_weight_grad_ (linear: inside dst_linear_weight_grad).
 //
 // Each Function returns only its differentiable output (y, or P for dst_mask); P and the
 // effective thresholds leave through an Extras struct beside the autograd graph (they are

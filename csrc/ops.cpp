@@ -58,8 +58,8 @@ TORCH_LIBRARY(dst_kernels, m) {
   m.def("dst_weight_grad_(Tensor(a!) grad_masked, Tensor weight, Tensor threshold) -> Tensor");
   // The linear layer's forward: (P, t_eff) = dst_mask(weight, threshold, min_density), then
   // y = linear(x, P, bias). Returns (y, P, t_eff). Its backward (csrc/autograd.cpp) saves
-  // only x, W, t_eff: dx from a recomputed P, dW and dt from one GEMM plus dst_weight_grad_
-  // in the GEMM's buffer.
+  // x, W, t_eff (on the CPU also P): dx from P (recomputed where not saved), dW and dt from
+  // dst_linear_weight_grad.
   m.def(
       "dst_linear(Tensor x, Tensor weight, Tensor threshold, Tensor? bias, float? min_density) -> "
       "(Tensor, Tensor, Tensor)");
