@@ -1,7 +1,8 @@
 // Autograd of dst_kernels::dst_mask, dst_linear and dst_conv2d, for every device, in C++:
 // one dispatcher call per layer and no Python in the training step. Each backward saves
-// x, W and the effective thresholds (the linear backward on the CPU also P): P is
-// recomputed where it is not saved (and only when dX is needed). dW is written over the
+// x, W and the effective thresholds (the linear one on the CPU also P, when x needs a
+// gradient, until dX is computed): P is recomputed where it is not saved (and only when dX
+// is needed). dW is written over the
 // weight gradient's own buffer by dst_weight_grad_ (linear: inside dst_linear_weight_grad).
 //
 // Each Function returns only its differentiable output (y, or P for dst_mask); P and the
@@ -91,10 +92,12 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                                std::optional<double> min_density, Extras* extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, masked, t_eff] = ops::linear_op().call(x, weight, threshold, bias, min_density);
-    // On the CPU P is kept for dX (one weight-sized buffer per layer until the backward): the
-    // backward then counts its nonzeros instead of redoing the mask pass. Other devices
-    // recompute it.
-    ctx->save_for_backward({x, weight, t_eff, weight.is_cpu() ? masked : Tensor()});
+    // On the CPU P is kept for dX when x needs a gradient (one weight-sized buffer per layer
+    // until the backward): the backward then counts its nonzeros instead of redoing the mask
+    // pass. Other devices recompute it. It is held beside the saved variables so that the
+    // backward can let go of it as soon as dX is computed (below).
+    ctx->save_for_backward({x, weight, t_eff});
+    ctx->saved_data["masked"] = weight.is_cpu() && x.requires_grad() ? masked : Tensor();
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->set_materialize_grads(false);
     *extras = {masked, t_eff};
@@ -108,7 +111,16 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       return out;
     }
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2], &masked = saved[3];
+    const Tensor &x = saved[0], &weight = saved[1], &t_eff = saved[2];
+    // P is read once (by dX) and then given back: dW's buffer, of the same size, is taken
+    // next. Held until the end of the backward, P and dW would both be new every step, and
+    // the allocator hands such pairs back to the system when they are freed together (page
+    // faults on every write of the next step). A second backward (retain_graph) recomputes P.
+    Tensor masked;
+    if (auto it = ctx->saved_data.find("masked"); it != ctx->saved_data.end()) {
+      masked = it->second.toTensor();
+      ctx->saved_data.erase(it);
+    }
     check_first_order("dst_linear", {&grad_y, &x, &weight});
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool need_x = ctx->needs_input_grad(0);
@@ -120,6 +132,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
       out[0] = ops::linear_grad_input_op().call(
           grad_y, weight, t_eff, masked.defined() ? std::optional<Tensor>(masked) : std::nullopt);
     }
+    masked.reset();
     if (need_w || need_t) {
       auto [grad_w, grad_t] = ops::linear_weight_grad_op().call(grad_2d, x, weight, t_eff);
       out[1] = if_needed(need_w, grad_w);

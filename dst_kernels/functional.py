@@ -7,6 +7,8 @@ call to the backend's implementation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dst_kernels import _ops
@@ -190,6 +192,61 @@ def reset_thresholds_(
     return _reference.reset_thresholds_(weight.detach(), threshold.detach(), min_density)
 
 
+_FAST_NAMES = ("auto", "native")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _native_cpu_linear_ok(x, weight, threshold, bias, min_density) -> bool:
+    """Whether a dst_linear call is the common eager one that every check below passes and the
+    native backend takes on the CPU (plain CPU tensors of one floating dtype, a contiguous 2-D
+    weight, the shapes right, no autocast): one expression instead of the checks' dozens of
+    calls, which cost a small layer's forward as much as its kernel. Anything else (and every
+    call under torch.compile) goes through the checks, which name what is wrong."""
+    if not (type(x) is torch.Tensor and type(weight) in _PLAIN and type(threshold) in _PLAIN):
+        return False
+    dtype = weight.dtype
+    if not (dtype.is_floating_point and weight.ndim == 2 and threshold.ndim == 1 and x.ndim >= 1):
+        return False
+    rows, cols = weight.shape
+    return (
+        (min_density is None or (type(min_density) is float and 0.0 <= min_density < 1.0))
+        and x.dtype is dtype
+        and threshold.dtype is dtype
+        and threshold.shape[0] == rows
+        and x.shape[-1] == cols
+        and rows > 0
+        and cols > 0
+        and x.numel() > 0
+        and weight.is_cpu
+        and x.is_cpu
+        and threshold.is_cpu
+        and weight.is_contiguous()
+        and threshold.is_contiguous()
+        and (
+            bias is None
+            or (
+                type(bias) in _PLAIN
+                and bias.dtype is dtype
+                and bias.ndim == 1
+                and bias.shape[0] == rows
+                and bias.is_cpu
+            )
+        )
+        and _native_usable_on_cpu()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+@functools.cache
+def _linear_op():
+    return torch.ops.dst_kernels.dst_linear.default
+
+
+def _native_usable_on_cpu() -> bool:
+    return _USABLE.get(("native", "cpu")) or _usable("native", "cpu")
+
+
 def dst_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -203,6 +260,13 @@ def dst_linear(
 
     ``min_density`` applies the reset rule first (see :func:`masked_weight`).
     """
+    if backend in _FAST_NAMES and _native_cpu_linear_ok(x, weight, threshold, bias, min_density):
+        # Every check below holds (see _native_cpu_linear_ok): the op, as native.linear calls it.
+        y, _, t_eff = _linear_op()(x, weight, threshold, bias, min_density)
+        if min_density is not None:
+            with torch.no_grad():
+                threshold.copy_(t_eff)
+        return y
     name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
     _check_weight_threshold(weight, threshold, name)
     if weight.dim() != 2:

@@ -152,6 +152,109 @@ def test_opcheck_dst_linear_weight_grad(x_shape, n):
     )
 
 
+def _plain_case(n, k, density, tokens=6, seed=3):
+    """A weight without exact zeros, thresholds keeping about ``density`` of each row."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=g)
+    threshold = torch.quantile(weight.abs(), 1.0 - density, dim=1) if density < 1 else -torch.ones(n)
+    return weight, threshold.contiguous(), torch.randn(n, generator=g), torch.randn(tokens, k, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("n, k", [(7, 13), (300, 784)])
+def test_dst_linear_second_backward_recomputes_the_released_p(mode, n, k):
+    # The CPU backward gives P back once dX is computed; a second backward (retain_graph)
+    # recomputes it from W and the saved thresholds: the same gradients, bit for bit.
+    weight, threshold, bias, x = _plain_case(n, k, 0.05)
+    leaves = [t.requires_grad_(True) for t in (x, weight, threshold, bias)]
+    grad_y = torch.randn(x.shape[0], n)
+    with dst.sparse.sparse_mode(mode):
+        y = torch.ops.dst_kernels.dst_linear(leaves[0], leaves[1], leaves[2], leaves[3], None)[0]
+        first = torch.autograd.grad(y, leaves, grad_y, retain_graph=True)
+        second = torch.autograd.grad(y, leaves, grad_y)
+    for name, a, b in zip(("dx", "dW", "dt", "db"), first, second):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("density", [0.05, 1.0])
+def test_dst_linear_without_dx_gives_the_same_weight_gradients(density):
+    # P is kept for the backward only when x needs a gradient (the first layer's input does
+    # not): dW, dt and db do not depend on it.
+    weight, threshold, bias, x = _plain_case(300, 784, density)
+    params = [t.requires_grad_(True) for t in (weight, threshold, bias)]
+    grad_y = torch.randn(x.shape[0], 300)
+    y = torch.ops.dst_kernels.dst_linear(x, *params[:2], params[2], None)[0]
+    without = torch.autograd.grad(y, params, grad_y)
+    x_leaf = x.clone().requires_grad_(True)
+    y = torch.ops.dst_kernels.dst_linear(x_leaf, *params[:2], params[2], None)[0]
+    with_dx = torch.autograd.grad(y, [*params, x_leaf], grad_y)
+    for name, a, b in zip(("dW", "dt", "db"), without, with_dx):
+        assert torch.equal(a, b), name
+
+
+def test_functional_dst_linear_shortcut_equals_the_checked_path(monkeypatch):
+    # A common eager call skips the Python checks (each one holds) and calls the op directly:
+    # the same op as the checked path, so the same results bit for bit, with and without the
+    # reset rule.
+    weight, threshold, bias, x = _plain_case(31, 17, 0.3, tokens=5)
+    assert DF._native_cpu_linear_ok(x, weight, threshold, bias, None)
+    assert DF._native_cpu_linear_ok(x, weight, threshold, None, 0.01)
+
+    def run(min_density):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, threshold, bias)]
+        y = DF.dst_linear(*leaves, backend="native", min_density=min_density)
+        return [y, *torch.autograd.grad(y, leaves, torch.ones_like(y)), leaves[2].detach()]
+
+    for min_density in (None, 0.5):
+        fast = run(min_density)
+        with monkeypatch.context() as m:
+            m.setattr(DF, "_native_cpu_linear_ok", lambda *a: False)
+            checked = run(min_density)
+        for a, b in zip(fast, checked):
+            assert torch.equal(a, b)
+    # The reset rule fired (density 0.3 < 0.5) and wrote the zeroed thresholds back.
+    assert torch.equal(fast[-1], torch.zeros(31))
+
+
+def test_functional_dst_linear_shortcut_leaves_every_unusual_call_to_the_checks():
+    weight, threshold, bias, x = _plain_case(7, 5, 0.5, tokens=3)
+    ok = DF._native_cpu_linear_ok
+    assert ok(x, weight, threshold, bias, None)
+    assert ok(x[0], weight, threshold, bias, None)  # a 1-D input
+    unusual = {
+        "x float64": (x.double(), weight, threshold, bias, None),
+        "x wrong features": (torch.randn(3, 6), weight, threshold, bias, None),
+        "x empty": (torch.randn(0, 5), weight, threshold, bias, None),
+        "x a list": ([[1.0] * 5], weight, threshold, bias, None),
+        "x 0-d": (torch.tensor(1.0), weight, threshold, bias, None),
+        "weight transposed": (x, weight.t().contiguous().t(), threshold, bias, None),
+        "weight 3-D": (x, weight[:, None], threshold, bias, None),
+        "weight int": (x, weight.int(), threshold.int(), bias, None),
+        "weight empty": (torch.randn(3, 0), torch.randn(7, 0), threshold, bias, None),
+        "threshold short": (x, weight, threshold[:3], bias, None),
+        "threshold 2-D": (x, weight, threshold[:, None], bias, None),
+        "threshold strided": (x, weight, torch.randn(14)[::2], bias, None),
+        "threshold float64": (x, weight, threshold.double(), bias, None),
+        "bias short": (x, weight, threshold, bias[:3], None),
+        "bias float64": (x, weight, threshold, bias.double(), None),
+        "bias 2-D": (x, weight, threshold, bias[None], None),
+        "min_density int": (x, weight, threshold, bias, 0),
+        "min_density 1.0": (x, weight, threshold, bias, 1.0),
+        "min_density negative": (x, weight, threshold, bias, -0.1),
+        "min_density str": (x, weight, threshold, bias, "0.1"),
+        "min_density bool": (x, weight, threshold, bias, True),
+    }
+    for name, args in unusual.items():
+        assert not ok(*args), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ok(x, weight, threshold, bias, None)
+    # Where the shortcut stands aside, the checks still name the argument.
+    with pytest.raises(ValueError, match="threshold must have shape"):
+        DF.dst_linear(x, weight, threshold[:3], bias, backend="native")
+    with pytest.raises(TypeError, match="min_density"):
+        DF.dst_linear(x, weight, threshold, bias, backend="native", min_density="0.1")
+
+
 # ----------------------------------------------------------------------------- triton
 
 TRITON = triton_test

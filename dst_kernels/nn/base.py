@@ -44,6 +44,8 @@ class DSTLayer:
     _dst_pairs: tuple[tuple[str, str], ...] = (("weight", "threshold"),)
     _dst_axes: dict[str, int] = {}
     _dst_base: type = nn.Module
+    # Set on a layer by dst_kernels.distributed once FSDP2's reset hooks run the rule.
+    _dst_fsdp_ready: bool = False
 
     def _init_dst(self, min_density, backend):
         self.min_density = DF.check_min_density(min_density)
@@ -74,7 +76,7 @@ class DSTLayer:
         """``min_density`` in training mode (the reset rule applies), else None. Under FSDP2 with
         the reset hooks (``dst_kernels.distributed``) the rule already ran on the sharded
         parameters before this forward: None."""
-        if not self.training or getattr(self, "_dst_fsdp_ready", False):
+        if not self.training or self._dst_fsdp_ready:
             return None
         return self.min_density
 

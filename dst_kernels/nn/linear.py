@@ -34,19 +34,16 @@ class DSTLinear(DSTLayer, nn.Linear):
         self.threshold = self._new_threshold(self._parameters["weight"])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self._parameters["weight"]
+        params = self._parameters  # (attribute lookups through nn.Module cost a small layer)
+        weight, bias = params["weight"], params["bias"]
+        threshold = params.get("threshold")
+        if threshold is None:
+            threshold = self.threshold
         if input.numel() == 0:  # an empty batch: nn.Linear's answer's shape (the ops reject empty x)
-            p = DF.masked_weight(
-                weight, self.threshold, backend=self.backend, min_density=self._reset_bound()
-            )
-            return F.linear(input, p, self.bias)
+            p = DF.masked_weight(weight, threshold, backend=self.backend, min_density=self._reset_bound())
+            return F.linear(input, p, bias)
         return DF.dst_linear(
-            input,
-            weight,
-            self.threshold,
-            self.bias,
-            backend=self.backend,
-            min_density=self._reset_bound(),
+            input, weight, threshold, bias, backend=self.backend, min_density=self._reset_bound()
         )
 
     @classmethod
