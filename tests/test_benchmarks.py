@@ -237,6 +237,29 @@ def test_sparse_runs_measures_the_lstm_and_lenet300_cases(tmp_path):
         assert r["native/dense"] == r["ms"]["native"] / r["ms"]["dense"]
 
 
+def test_sparse_runs_times_samples_of_calibrated_calls(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import sparse_runs
+
+    calls = {}
+
+    def counting(step, device):
+        calls[step] = calls.get(step, 0) + 1
+        return 3
+
+    monkeypatch.setattr(sparse_runs, "_calibrated_inner", counting)
+    out = tmp_path / "runs.json"
+    argv = ["--size", "smoke", "--select", "lenet300", "--runs", "1", "--rounds", "2"]
+    sparse_runs.main([*argv, "--threads", "1", "--inner", "suite", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["inner"] == "suite" and result["records"]
+    assert calls and all(n == 1 for n in calls.values())  # calibrated once per implementation
+    for bad in ("0", "-2", "fast"):
+        with pytest.raises(SystemExit):
+            sparse_runs.main([*argv, "--inner", bad])
+
+
 def test_e2e_runs_times_both_phases_of_a_dst_train_command(tmp_path):
     import json
 
