@@ -10,6 +10,7 @@
 // made below autograd and never require grad). Marking them non-differentiable instead
 // would break compiled autograd, which does not support that for C++ Functions.
 #include <ATen/ATen.h>
+#include <ATen/SavedTensorHooks.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -96,8 +97,15 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     // until the backward): the backward then counts its nonzeros instead of redoing the mask
     // pass. Other devices recompute it. It is held beside the saved variables so that the
     // backward can let go of it as soon as dX is computed (below).
-    ctx->save_for_backward({x, weight, t_eff});
-    ctx->saved_data["masked"] = weight.is_cpu() && x.requires_grad() ? masked : Tensor();
+    // Under saved-tensor hooks (activation checkpointing, offloading) P is saved as before, for
+    // the hooks to pack, and held until the end of the backward.
+    const bool keep_p = weight.is_cpu() && x.requires_grad();
+    if (keep_p && at::SavedTensorDefaultHooks::get_hooks().has_value()) {
+      ctx->save_for_backward({x, weight, t_eff, masked});
+    } else {
+      ctx->save_for_backward({x, weight, t_eff});
+      ctx->saved_data["masked"] = keep_p ? masked : Tensor();
+    }
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->set_materialize_grads(false);
     *extras = {masked, t_eff};
@@ -116,7 +124,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     // next. Held until the end of the backward, P and dW would both be new every step, and
     // the allocator hands such pairs back to the system when they are freed together (page
     // faults on every write of the next step). A second backward (retain_graph) recomputes P.
-    Tensor masked;
+    Tensor masked = saved.size() > 3 ? saved[3] : Tensor();
     if (auto it = ctx->saved_data.find("masked"); it != ctx->saved_data.end()) {
       masked = it->second.toTensor();
       ctx->saved_data.erase(it);

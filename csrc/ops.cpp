@@ -10,6 +10,7 @@
 #include <string>
 
 #include "dst/cpu_isa.h"
+#include "dst/cpu_kernels.h"
 #include "dst/sparse.h"
 
 #if __has_include("dst/build_config.h")
@@ -48,6 +49,10 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The instruction set of the CPU row kernels: "avx512", "avx2" or "portable" (the
   // best the CPU runs, capped by DST_KERNELS_CPU_ISA; csrc/include/dst/cpu_isa.h).
   m.def("cpu_isa() -> str", &dst::cpu::isa_name);
+  // The bytes idle in the pool of weight-sized CPU buffers (P, dW) that the linear kernels
+  // recycle across steps (csrc/cpu/linear.cpp).
+  m.def("cpu_recycled_bytes() -> int",
+        []() { return static_cast<int64_t>(dst::cpu::recycled_idle_bytes()); });
   // One pass: P = W * (|W| > t[row]) and the kept count; with min_density set, the
   // reset rule on the device (t_eff = 0 and P recomputed when kept <= min_density *
   // numel). Returns (P, t_eff); t_eff is t, or zeros after a reset.

@@ -192,6 +192,63 @@ def test_dst_linear_without_dx_gives_the_same_weight_gradients(density):
         assert torch.equal(a, b), name
 
 
+def test_dst_linear_saved_tensor_hooks_see_p_and_checkpointing_gives_the_same_gradients():
+    # Under saved-tensor hooks P is saved for them to pack (as activation checkpointing and
+    # offloading expect); the gradients are those of the plain backward, bit for bit.
+    weight, threshold, bias, x = _plain_case(31, 17, 0.3, tokens=5)
+    p = torch.ops.dst_kernels.dst_mask(weight, threshold, None)[0]
+
+    def grads(run):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, threshold, bias)]
+        y = run(leaves)
+        return torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+    def op(leaves):
+        return torch.ops.dst_kernels.dst_linear(*leaves, None)[0]
+
+    plain = grads(op)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hooked = grads(op)
+    assert any(t.shape == p.shape and torch.equal(t, p) for t in packed)
+    checkpointed = grads(lambda leaves: torch.utils.checkpoint.checkpoint(op, leaves, use_reentrant=False))
+    for a, b, c in zip(plain, hooked, checkpointed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_weight_sized_cpu_buffers_are_recycled_within_bounds():
+    # P and dW of the linear kernels come from a pool of freed buffers of their size (past
+    # 64 KiB; at most 4 of a size and 64 MiB idle), so a training loop does not page-fault on
+    # memory the C allocator gave back to the system.
+    idle = torch.ops.dst_kernels.cpu_recycled_bytes
+    weight, threshold, bias, x = _plain_case(300, 784, 0.5)
+    nbytes = weight.numel() * weight.element_size()
+    masked = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[1]
+    first, before = masked.data_ptr(), idle()
+    del masked
+    assert idle() == before + nbytes
+    again = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[1]
+    assert again.data_ptr() == first and idle() == before
+    p = torch.ops.dst_kernels.dst_mask(weight, threshold, None)[0]
+    assert torch.equal(again, p)  # the recycled buffer holds this call's P
+    del again
+    held = [torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[1] for _ in range(7)]
+    start = idle()
+    del held
+    assert idle() - start <= 4 * nbytes and idle() <= 64 << 20
+    # Small layers keep the allocator's own bins.
+    small_w, small_t, small_b, small_x = _plain_case(7, 13, 0.5)
+    start = idle()
+    out = torch.ops.dst_kernels.dst_linear(small_x, small_w, small_t, small_b, None)[1]
+    del out
+    assert idle() == start
+
+
 def test_functional_dst_linear_shortcut_equals_the_checked_path(monkeypatch):
     # A common eager call skips the Python checks (each one holds) and calls the op directly:
     # the same op as the checked path, so the same results bit for bit, with and without the
