@@ -10,7 +10,7 @@
 #include <string>
 
 #include "dst/cpu_isa.h"
-#include "dst/cpu_kernels.h"
+#include "dst/recycle.h"
 #include "dst/sparse.h"
 
 #if __has_include("dst/build_config.h")
@@ -50,7 +50,7 @@ TORCH_LIBRARY(dst_kernels, m) {
   // best the CPU runs, capped by DST_KERNELS_CPU_ISA; csrc/include/dst/cpu_isa.h).
   m.def("cpu_isa() -> str", &dst::cpu::isa_name);
   // The bytes idle in the pool of weight-sized CPU buffers (P, dW) that the linear kernels
-  // recycle across steps (csrc/cpu/linear.cpp).
+  // recycle across steps (dst/recycle.h).
   m.def("cpu_recycled_bytes() -> int",
         []() { return static_cast<int64_t>(dst::cpu::recycled_idle_bytes()); });
   // One pass: P = W * (|W| > t[row]) and the kept count; with min_density set, the

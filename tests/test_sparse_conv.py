@@ -110,6 +110,25 @@ def test_dst_conv2d_sparse_path_matches_spec(case, density, mode):
     assert_close_rel(grads[3], grad_y.sum((0, 2, 3)), 1e-12, "db")
 
 
+def test_sparse_conv_outputs_come_from_the_recycled_buffers():
+    # The sparse convolution's output (several MB per step in a network) is recycled as the
+    # linear layers' P and dW are: freed, it waits in the pool; the next call of that shape
+    # takes it back, and computes what ATen's convolution does.
+    idle = torch.ops.dst_kernels.cpu_recycled_bytes
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 16, 12, 12, generator=g)
+    weight = torch.randn(32, 16, 3, 3, generator=g)
+    threshold = torch.quantile(weight.flatten(1).abs(), 0.9, dim=1).contiguous()
+    with sparse_mode("always"):
+        y = ops.dst_conv2d(x, weight, threshold, None, [1, 1], [1, 1], [1, 1], 1, None)[0]
+        nbytes, first, before = y.numel() * y.element_size(), y.data_ptr(), idle()
+        del y
+        assert idle() >= before + nbytes
+        again = ops.dst_conv2d(x, weight, threshold, None, [1, 1], [1, 1], [1, 1], 1, None)[0]
+    assert again.data_ptr() == first
+    assert_close_rel(again, F.conv2d(x, _p(weight, threshold), None, 1, 1), 1e-5, "y")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_sparse_conv_low_precision(dtype):
     case = (4, 6, 12, 12, 9, 3, 1, 1, 1)

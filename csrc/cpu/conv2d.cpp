@@ -15,6 +15,7 @@
 #include "dst/checks.h"
 #include "dst/cpu_kernels.h"
 #include "dst/dispatch.h"
+#include "dst/recycle.h"
 #include "dst/sparse.h"
 
 namespace dst {
@@ -68,7 +69,8 @@ std::tuple<Tensor, Tensor, Tensor> dst_conv2d_cpu(const Tensor& x, const Tensor&
   TORCH_CHECK(weight.dim() == 4, "dst_conv2d: weight must be 4-D, got ", weight.sizes());
   TORCH_CHECK(x.dim() == 4, "dst_conv2d: x must be 4-D [N, C, H, W], got ", x.sizes());
   check_weight_threshold("dst_conv2d", weight, threshold);
-  Tensor masked = at::empty_like(weight);
+  Tensor masked =
+      weight.is_contiguous() ? cpu::recycled_empty_like(weight) : at::empty_like(weight);
   Tensor t_eff = threshold.contiguous().clone();
   std::vector<int64_t> counts(weight.size(0));
   const int64_t kept = cpu::mask_into(weight, min_density, masked, t_eff, counts.data());
@@ -98,7 +100,8 @@ Tensor dst_conv2d_grad_input_cpu(const Tensor& grad_y, const Tensor& x, const Te
                                  int64_t groups) {
   check_conv2d_grad_input_args("dst_conv2d_grad_input", grad_y, x, weight);
   check_weight_threshold("dst_conv2d_grad_input", weight, threshold);
-  Tensor masked = at::empty_like(weight);
+  Tensor masked =
+      weight.is_contiguous() ? cpu::recycled_empty_like(weight) : at::empty_like(weight);
   Tensor t = threshold.contiguous().clone();
   std::vector<int64_t> counts(weight.size(0));
   const int64_t kept = cpu::mask_into(weight, std::nullopt, masked, t, counts.data());

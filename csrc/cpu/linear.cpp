@@ -2,23 +2,20 @@
 // dst_linear_grad_input of csrc/linear.cpp (CompositeExplicitAutograd) on CPU tensors with the
 // density switch: the mask pass (P, t_eff, and the kept count of every row), then below the
 // measured crossover the product with the compressed P from the sparse family
-// (csrc/cpu/sparse.cpp), else ATen's GEMM with P. At the end: the pool that recycles their
-// weight-sized buffers.
+// (csrc/cpu/sparse.cpp), else ATen's GEMM with P. P and dW come from the recycled buffers of
+// dst/recycle.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
-#include <cstddef>
-#include <mutex>
 #include <optional>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "dst/checks.h"
 #include "dst/cpu_kernels.h"
 #include "dst/dispatch.h"
+#include "dst/recycle.h"
 #include "dst/sparse.h"
 
 namespace dst {
@@ -137,86 +134,6 @@ std::tuple<Tensor, Tensor> dst_linear_weight_grad_cpu(const Tensor& grad_y, cons
 }
 
 }  // namespace
-}  // namespace dst
-
-// ----------------------------------------------------------------------------- recycled buffers
-
-// Weight-sized CPU buffers that the linear kernels make on every step (P in the forward, dW in
-// the backward) go back to a small pool when their tensors die, not to the C allocator. glibc
-// returns large freed blocks to the system once they sit at the top of its heap, and the next
-// step's first writes to them then page-fault: some runs of a 784x300 layer's training loop
-// took 440 faults per step (1.1 ms against 0.55 ms per step), others none, as the heap's
-// layout fell.
-
-namespace dst {
-namespace cpu {
-namespace {
-
-constexpr size_t kMinBytes = size_t(64) << 10;      // smaller: the allocator's bins serve them
-constexpr size_t kMaxIdleBytes = size_t(64) << 20;  // at most this much memory idle in the pool
-constexpr size_t kMaxIdlePerSize = 4;
-
-class Pool {
- public:
-  void* take(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = idle_.find(bytes);
-      if (it != idle_.end() && !it->second.empty()) {
-        void* p = it->second.back();
-        it->second.pop_back();
-        idle_bytes_ -= bytes;
-        return p;
-      }
-    }
-    return c10::alloc_cpu(bytes);
-  }
-
-  void give_back(void* p, size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      std::vector<void*>& same = idle_[bytes];
-      if (same.size() < kMaxIdlePerSize && idle_bytes_ + bytes <= kMaxIdleBytes) {
-        same.push_back(p);
-        idle_bytes_ += bytes;
-        return;
-      }
-    }
-    c10::free_cpu(p);
-  }
-
-  size_t idle_bytes() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return idle_bytes_;
-  }
-
- private:
-  std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> idle_;
-  size_t idle_bytes_ = 0;
-};
-
-// Never destroyed: a tensor may die after the static destructors have run.
-Pool& pool() {
-  static Pool* p = new Pool();
-  return *p;
-}
-
-}  // namespace
-
-at::Tensor recycled_empty_like(const at::Tensor& like) {
-  const at::TensorOptions options = at::TensorOptions().dtype(like.dtype()).device(at::kCPU);
-  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (bytes < kMinBytes) {
-    return at::empty(like.sizes(), options);
-  }
-  void* p = pool().take(bytes);
-  return at::from_blob(p, like.sizes(), [bytes](void* q) { pool().give_back(q, bytes); }, options);
-}
-
-size_t recycled_idle_bytes() { return pool().idle_bytes(); }
-
-}  // namespace cpu
 }  // namespace dst
 
 TORCH_LIBRARY_IMPL(dst_kernels, CPU, m) {

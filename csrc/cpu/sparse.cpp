@@ -49,6 +49,7 @@ inline int omp_get_thread_num() { return 0; }
 #include <vector>
 
 #include "dst/cpu_isa.h"
+#include "dst/recycle.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -1257,39 +1258,44 @@ void correlate_layout(const Layout& l, int64_t planes, const Prepare& prepare, c
                       int64_t rows, int64_t oh, int64_t ow, out_t* out) {
   const int64_t extra = slack(l.ld);
   const Corr g{l.groups, rows, oh, ow * l.group, l.ld, l.image};
-  std::unique_ptr<out_t[]> tmp;
+  // The buffers come from the recycled ones (dst/recycle.h): several MB each, every step.
+  constexpr auto kOut = c10::CppTypeToScalarType<out_t>::value;
+  constexpr auto kT = c10::CppTypeToScalarType<T>::value;
+  Tensor tmp;
   out_t* dst = out;
   if (l.group > 1) {
-    tmp.reset(new out_t[l.groups * rows * oh * ow * l.group]);
-    dst = tmp.get();
+    tmp = cpu::recycled_empty({l.groups * rows * oh * ow * l.group}, kOut);
+    dst = tmp.mutable_data_ptr<out_t>();
   }
   const int64_t threads = at::get_num_threads();
   if (l.groups >= threads && l.groups > 1) {
     const Corr one{1, rows, oh, ow * l.group, l.ld, l.image};
     at::parallel_for(0, l.groups, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<T[]> buf(new T[l.image + extra]);
-      std::fill(buf.get() + l.image, buf.get() + l.image + extra, T(0));
+      Tensor held = cpu::recycled_empty({l.image + extra}, kT);
+      T* buf = held.mutable_data_ptr<T>();
+      std::fill(buf + l.image, buf + l.image + extra, T(0));
       for (int64_t grp = begin; grp < end; ++grp) {
         for (int64_t p = 0; p < planes; ++p) {
-          prepare(grp, p, buf.get());
+          prepare(grp, p, buf);
         }
-        correlate_serial<T, out_t>(buf.get(), crow, off, v, bias,
-                                   dst + grp * rows * oh * ow * l.group, one);
+        correlate_serial<T, out_t>(buf, crow, off, v, bias, dst + grp * rows * oh * ow * l.group,
+                                   one);
       }
     });
   } else {
-    std::unique_ptr<T[]> buf(new T[l.total + extra]);
-    std::fill(buf.get() + l.total, buf.get() + l.total + extra, T(0));
+    Tensor held = cpu::recycled_empty({l.total + extra}, kT);
+    T* buf = held.mutable_data_ptr<T>();
+    std::fill(buf + l.total, buf + l.total + extra, T(0));
     at::parallel_for(0, l.groups * planes, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t grp = item / planes;
-        prepare(grp, item % planes, buf.get() + grp * l.image);
+        prepare(grp, item % planes, buf + grp * l.image);
       }
     });
-    correlate<T, out_t>(buf.get(), crow, off, v, nnz, bias, dst, g);
+    correlate<T, out_t>(buf, crow, off, v, nnz, bias, dst, g);
   }
   if (l.group > 1) {
-    from_groups(tmp.get(), n, l.group, rows, oh * ow, out);
+    from_groups(dst, n, l.group, rows, oh * ow, out);
   }
 }
 
@@ -1298,8 +1304,7 @@ template <typename scalar_t>
 Tensor forward_from_csr(const Tensor& x, const int32_t* crow, const int32_t* col,
                         const scalar_t* val, const scalar_t* bias, const ConvShape& s) {
   using T = opmath<scalar_t>;
-  Tensor y =
-      at::empty({s.n, s.oc, s.oh, s.ow}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = cpu::recycled_empty({s.n, s.oc, s.oh, s.ow}, x.scalar_type());
   if (y.numel() == 0) {
     return y;
   }
@@ -1325,8 +1330,7 @@ template <typename scalar_t>
 Tensor grad_input_from_csr(const Tensor& dy, const int32_t* crow, const int32_t* col,
                            const scalar_t* val, const ConvShape& s) {
   using T = opmath<scalar_t>;
-  Tensor dx =
-      at::empty({s.n, s.c, s.h, s.w}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dx = cpu::recycled_empty({s.n, s.c, s.h, s.w}, dy.scalar_type());
   if (dx.numel() == 0) {
     return dx;
   }

@@ -35,13 +35,5 @@ int64_t mask_into(const at::Tensor& weight, std::optional<double> min_density, a
 void weight_grad_rows(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& t,
                       at::Tensor& grad_w, at::Tensor& grad_t, int64_t begin, int64_t end);
 
-// A contiguous CPU tensor of like's sizes and dtype, uninitialised. Past 64 KiB its memory
-// comes from, and goes back to, a pool of recently freed buffers of the same size (at most 64
-// MiB idle, csrc/cpu/linear.cpp): for the weight-sized buffers made on every step.
-at::Tensor recycled_empty_like(const at::Tensor& like);
-
-// The bytes idle in that pool.
-size_t recycled_idle_bytes();
-
 }  // namespace cpu
 }  // namespace dst
