@@ -49,10 +49,13 @@ TORCH_LIBRARY(dst_kernels, m) {
   // The instruction set of the CPU row kernels: "avx512", "avx2" or "portable" (the
   // best the CPU runs, capped by DST_KERNELS_CPU_ISA; csrc/include/dst/cpu_isa.h).
   m.def("cpu_isa() -> str", &dst::cpu::isa_name);
-  // The bytes idle in the pool of weight-sized CPU buffers (P, dW) that the linear kernels
-  // recycle across steps (dst/recycle.h).
+  // The bytes idle in the pool of large CPU buffers that the kernels recycle across steps
+  // (P and dW of the linear layers, the sparse convolution's outputs; dst/recycle.h), and
+  // freeing them (returns the bytes freed).
   m.def("cpu_recycled_bytes() -> int",
         []() { return static_cast<int64_t>(dst::cpu::recycled_idle_bytes()); });
+  m.def("cpu_recycled_release() -> int",
+        []() { return static_cast<int64_t>(dst::cpu::release_recycled()); });
   // One pass: P = W * (|W| > t[row]) and the kept count; with min_density set, the
   // reset rule on the device (t_eff = 0 and P recomputed when kept <= min_density *
   // numel). Returns (P, t_eff); t_eff is t, or zeros after a reset.

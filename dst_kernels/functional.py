@@ -7,8 +7,6 @@ call to the backend's implementation.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from dst_kernels import _ops
@@ -232,19 +230,10 @@ def _native_cpu_linear_ok(x, weight, threshold, bias, min_density) -> bool:
                 and bias.is_cpu
             )
         )
-        and _native_usable_on_cpu()
+        and _usable("native", "cpu")
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
-
-
-@functools.cache
-def _linear_op():
-    return torch.ops.dst_kernels.dst_linear.default
-
-
-def _native_usable_on_cpu() -> bool:
-    return _USABLE.get(("native", "cpu")) or _usable("native", "cpu")
 
 
 def dst_linear(
@@ -261,12 +250,8 @@ def dst_linear(
     ``min_density`` applies the reset rule first (see :func:`masked_weight`).
     """
     if backend in _FAST_NAMES and _native_cpu_linear_ok(x, weight, threshold, bias, min_density):
-        # Every check below holds (see _native_cpu_linear_ok): the op, as native.linear calls it.
-        y, _, t_eff = _linear_op()(x, weight, threshold, bias, min_density)
-        if min_density is not None:
-            with torch.no_grad():
-                threshold.copy_(t_eff)
-        return y
+        # Every check below holds, and native.linear would call the op (see _native_cpu_linear_ok).
+        return _backend_impl("native").linear_op(x, weight, threshold, bias, min_density)
     name = resolve_backend(backend, weight.device) if isinstance(weight, torch.Tensor) else backend
     _check_weight_threshold(weight, threshold, name)
     if weight.dim() != 2:

@@ -28,7 +28,13 @@ def linear(x, weight, threshold, bias=None, min_density=None):
     if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):
         # Mixed precision: autocast casts P for the GEMM.
         return F.linear(x, masked_weight(weight, threshold, min_density), bias)
-    y, _, t_eff = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, min_density)
+    return linear_op(x, weight, threshold, bias, min_density)
+
+
+def linear_op(x, weight, threshold, bias=None, min_density=None):
+    """The ``dst_linear`` op for one dtype and no autocast (what :func:`linear` calls then);
+    with ``min_density`` set, the effective thresholds written back."""
+    y, _, t_eff = torch.ops.dst_kernels.dst_linear.default(x, weight, threshold, bias, min_density)
     if min_density is not None:
         with torch.no_grad():
             threshold.copy_(t_eff)

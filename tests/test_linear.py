@@ -225,28 +225,53 @@ def test_weight_sized_cpu_buffers_are_recycled_within_bounds():
     # P and dW of the linear kernels come from a pool of freed buffers of their size (past
     # 64 KiB; at most 4 of a size and 64 MiB idle), so a training loop does not page-fault on
     # memory the C allocator gave back to the system.
-    idle = torch.ops.dst_kernels.cpu_recycled_bytes
+    idle, release = torch.ops.dst_kernels.cpu_recycled_bytes, torch.ops.dst_kernels.cpu_recycled_release
+    release()
+    assert idle() == 0
     weight, threshold, bias, x = _plain_case(300, 784, 0.5)
     nbytes = weight.numel() * weight.element_size()
     masked = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[1]
-    first, before = masked.data_ptr(), idle()
+    first = masked.data_ptr()
     del masked
-    assert idle() == before + nbytes
+    assert idle() == nbytes
     again = torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[1]
-    assert again.data_ptr() == first and idle() == before
+    assert again.data_ptr() == first and idle() == 0
     p = torch.ops.dst_kernels.dst_mask(weight, threshold, None)[0]
     assert torch.equal(again, p)  # the recycled buffer holds this call's P
     del again
     held = [torch.ops.dst_kernels.dst_linear(x, weight, threshold, bias, None)[1] for _ in range(7)]
-    start = idle()
     del held
-    assert idle() - start <= 4 * nbytes and idle() <= 64 << 20
+    assert idle() == 4 * nbytes  # at most 4 of a size
     # Small layers keep the allocator's own bins.
     small_w, small_t, small_b, small_x = _plain_case(7, 13, 0.5)
-    start = idle()
     out = torch.ops.dst_kernels.dst_linear(small_x, small_w, small_t, small_b, None)[1]
     del out
-    assert idle() == start
+    assert idle() == 4 * nbytes
+    assert release() == 4 * nbytes and idle() == 0
+
+
+def test_recycled_buffers_make_room_for_the_newest_size():
+    # At most 64 MiB idle: a freed buffer of a new size evicts buffers of other sizes (those a
+    # changed shape left behind) rather than going back unused.
+    idle, release = torch.ops.dst_kernels.cpu_recycled_bytes, torch.ops.dst_kernels.cpu_recycled_release
+    release()
+    cap = 64 << 20
+    ptrs = {}
+    for extra in range(4):  # four sizes of about 20 MiB each
+        weight = torch.randn(1000, 5000 + extra)
+        threshold = torch.zeros(1000)
+        masked = torch.ops.dst_kernels.dst_linear(
+            torch.randn(1, 5000 + extra), weight, threshold, None, None
+        )[1]
+        ptrs[extra] = (masked.data_ptr(), weight, threshold)
+        del masked
+        assert 0 < idle() <= cap
+    # The newest size was kept: its next buffer is the one just freed.
+    ptr, weight, threshold = ptrs[3]
+    masked = torch.ops.dst_kernels.dst_linear(torch.randn(1, 5003), weight, threshold, None, None)[1]
+    assert masked.data_ptr() == ptr
+    del masked
+    release()
 
 
 def test_functional_dst_linear_shortcut_equals_the_checked_path(monkeypatch):

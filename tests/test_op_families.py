@@ -15,6 +15,7 @@ EXEMPT = {
     "build_info": "build metadata (what _C was built against), no kernel",
     "cpu_isa": "the instruction set the CPU kernels run with, no kernel",
     "cpu_recycled_bytes": "the idle bytes of the CPU buffer pool, no kernel",
+    "cpu_recycled_release": "frees the CPU buffer pool's idle buffers, no kernel",
 }
 # Ops named after their family with a suffix: the family is the op name up to it.
 FAMILY_OF = {

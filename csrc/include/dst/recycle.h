@@ -10,6 +10,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstddef>
+#include <iterator>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -28,9 +29,12 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = idle_.find(bytes);
-      if (it != idle_.end() && !it->second.empty()) {
+      if (it != idle_.end()) {
         void* p = it->second.back();
         it->second.pop_back();
+        if (it->second.empty()) {
+          idle_.erase(it);
+        }
         idle_bytes_ -= bytes;
         return p;
       }
@@ -38,17 +42,59 @@ class Pool {
     return c10::alloc_cpu(bytes);
   }
 
+  // Kept when fewer than kMaxIdlePerSize of its size wait; buffers of other sizes are freed
+  // to make room under kMaxIdleBytes (the ones a changed shape left behind).
   void give_back(void* p, size_t bytes) {
+    std::vector<void*> evicted;
+    bool kept = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      std::vector<void*>& same = idle_[bytes];
-      if (same.size() < kMaxIdlePerSize && idle_bytes_ + bytes <= kMaxIdleBytes) {
-        same.push_back(p);
-        idle_bytes_ += bytes;
-        return;
+      auto same = idle_.find(bytes);
+      const size_t waiting = same == idle_.end() ? 0 : same->second.size();
+      if (waiting < kMaxIdlePerSize && bytes <= kMaxIdleBytes) {
+        for (auto it = idle_.begin(); idle_bytes_ + bytes > kMaxIdleBytes && it != idle_.end();) {
+          if (it->first == bytes) {
+            ++it;
+            continue;
+          }
+          while (!it->second.empty() && idle_bytes_ + bytes > kMaxIdleBytes) {
+            evicted.push_back(it->second.back());
+            it->second.pop_back();
+            idle_bytes_ -= it->first;
+          }
+          it = it->second.empty() ? idle_.erase(it) : std::next(it);
+        }
+        if (idle_bytes_ + bytes <= kMaxIdleBytes) {
+          idle_[bytes].push_back(p);
+          idle_bytes_ += bytes;
+          kept = true;
+        }
       }
     }
-    c10::free_cpu(p);
+    for (void* q : evicted) {
+      c10::free_cpu(q);
+    }
+    if (!kept) {
+      c10::free_cpu(p);
+    }
+  }
+
+  // Frees every idle buffer; returns the bytes freed.
+  size_t release() {
+    std::unordered_map<size_t, std::vector<void*>> idle;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle.swap(idle_);
+      bytes = idle_bytes_;
+      idle_bytes_ = 0;
+    }
+    for (auto& [size, buffers] : idle) {
+      for (void* q : buffers) {
+        c10::free_cpu(q);
+      }
+    }
+    return bytes;
   }
 
   size_t idle_bytes() {
@@ -58,7 +104,7 @@ class Pool {
 
  private:
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> idle_;
+  std::unordered_map<size_t, std::vector<void*>> idle_;  // no empty vectors
   size_t idle_bytes_ = 0;
 };
 
@@ -72,7 +118,8 @@ inline Pool& pool() {
 }  // namespace recycle
 
 // A contiguous, uninitialised CPU tensor of these sizes and dtype; past 64 KiB its memory comes
-// from, and goes back to, the pool (at most 4 buffers of a size and 64 MiB idle).
+// from, and goes back to, the pool (at most 4 buffers of a size and 64 MiB idle, the most
+// recently freed sizes first).
 inline at::Tensor recycled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(at::kCPU);
   size_t bytes = c10::elementSize(dtype);
@@ -93,6 +140,9 @@ inline at::Tensor recycled_empty_like(const at::Tensor& like) {
 
 // The bytes idle in the pool.
 inline size_t recycled_idle_bytes() { return recycle::pool().idle_bytes(); }
+
+// Frees the pool's idle buffers (as torch.cuda.empty_cache does for CUDA's); returns the bytes.
+inline size_t release_recycled() { return recycle::pool().release(); }
 
 }  // namespace cpu
 }  // namespace dst
