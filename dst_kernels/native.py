@@ -2,7 +2,8 @@
 
 ``dst_mask`` writes the masked weight (and applies the reset rule on the device);
 autograd recomputes the mask in backward from ``W`` and the effective thresholds
-inside ``dst_weight_grad``, so neither the mask nor ``P`` is saved.
+inside ``dst_weight_grad``, so the mask is never saved, and ``P`` only by the CPU
+``dst_linear`` while ``dX`` needs it (``csrc/autograd.cpp``).
 """
 
 from __future__ import annotations
